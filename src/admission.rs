@@ -1,0 +1,513 @@
+//! Admission: the slot table that decides which backend a request may use, and the
+//! first-come-first-served queue of requests that wait for a slot.
+//!
+//! One `parking_lot::Mutex` guards the backend entries (capacity, in-flight count,
+//! health) and the queue together, so "is a slot free" and "who is first in line" are
+//! always decided at the same instant. Every waiter sleeps on its own `Condvar`, bound
+//! to that same mutex: a released slot wakes exactly the waiter it is handed to, never a
+//! herd of a thousand.
+//!
+//! Invariant: after every change of the table (a release, a backend marked up, a
+//! capacity raised, a reload), `dispatch` runs, so no waiter is left in the queue while a
+//! slot it could use is free. That is why a new request may take a free slot directly:
+//! nobody in the queue can use it.
+//!
+//! In-flight counts change only here, in `Table::acquire`, `dispatch` and
+//! `Table::release` (called by `Slot::drop`). A `Slot` is released exactly once, on
+//! every path a request can take: success, error, client gone, or a panic unwinding
+//! through the handler.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::{Condvar, Mutex, MutexGuard};
+
+use crate::config::ServerConfig;
+
+/// Identifies one backend for the life of the process. A server removed from the
+/// config and added again gets a new id, so a slot taken before the removal can never
+/// be released against the new entry.
+pub type BackendId = u64;
+
+/// The shared slot table. Cloned as `Arc<Table>` into every thread.
+pub struct Table {
+    inner: Mutex<Inner>,
+}
+
+struct Inner {
+    entries: Vec<Entry>,
+    queue: VecDeque<Waiter>,
+    /// Where the search for the least-loaded backend starts; moves on every pick so
+    /// equally loaded backends take turns.
+    rotation: usize,
+    next_id: BackendId,
+    next_ticket: u64,
+    closed: bool,
+}
+
+struct Entry {
+    id: BackendId,
+    url: Arc<str>,
+    max_concurrent: u32,
+    in_flight: u32,
+    healthy: bool,
+    /// Removed by a reload: takes no new requests, forgotten once its last slot is back.
+    removed: bool,
+    admitted_total: u64,
+}
+
+struct Waiter {
+    ticket: u64,
+    wake: Arc<Wake>,
+}
+
+/// A waiter's own condition variable and the backend it was handed (0: none yet).
+/// Only read and written with the table mutex held; atomic only to be `Sync`.
+struct Wake {
+    cv: Condvar,
+    granted: AtomicU64,
+}
+
+/// Why a request could not be admitted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Rejection {
+    /// No healthy backend exists at all, so waiting would not help.
+    NoBackend,
+    /// Every slot is taken and `max_queue_size` requests already wait.
+    QueueFull { queue_len: usize },
+    /// Waited `queue_timeout` without a slot coming free.
+    QueueTimeout { waited: Duration },
+    /// The router is shutting down.
+    Closed,
+}
+
+/// The limits that apply to one admission; read from the config snapshot of the
+/// request.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_queue_size: usize,
+    pub queue_timeout: Duration,
+}
+
+/// A taken slot on one backend. Dropping it gives the slot back.
+pub struct Slot {
+    table: Arc<Table>,
+    id: BackendId,
+    url: Arc<str>,
+    /// How long the request waited in the queue for this slot.
+    pub queued_for: Duration,
+}
+
+impl Slot {
+    pub fn backend_url(&self) -> &str {
+        &self.url
+    }
+
+    pub fn backend_id(&self) -> BackendId {
+        self.id
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.table.release(self.id);
+    }
+}
+
+impl std::fmt::Debug for Slot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Slot").field("backend", &self.url).finish()
+    }
+}
+
+/// A point-in-time copy of one backend's entry, for the status endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendView {
+    pub id: BackendId,
+    pub url: String,
+    pub max_concurrent: u32,
+    pub in_flight: u32,
+    pub healthy: bool,
+    pub admitted_total: u64,
+}
+
+/// A point-in-time copy of the whole table.
+#[derive(Debug, Clone)]
+pub struct TableView {
+    pub backends: Vec<BackendView>,
+    pub queue_len: usize,
+}
+
+impl Table {
+    /// Builds the table from the configured servers; all start healthy.
+    pub fn new(servers: &[ServerConfig]) -> Arc<Table> {
+        let mut inner = Inner {
+            entries: Vec::with_capacity(servers.len()),
+            queue: VecDeque::new(),
+            rotation: 0,
+            next_id: 1,
+            next_ticket: 0,
+            closed: false,
+        };
+        for server in servers {
+            let id = inner.next_id;
+            inner.next_id += 1;
+            inner.entries.push(Entry {
+                id,
+                url: Arc::from(server.url.as_str()),
+                max_concurrent: server.max_concurrent_requests,
+                in_flight: 0,
+                healthy: true,
+                removed: false,
+                admitted_total: 0,
+            });
+        }
+        Arc::new(Table {
+            inner: Mutex::new(inner),
+        })
+    }
+
+    /// Takes a slot on the least-loaded healthy backend, waiting in line up to
+    /// `limits.queue_timeout` when every slot is taken.
+    pub fn acquire(self: &Arc<Self>, limits: Limits) -> Result<Slot, Rejection> {
+        let start = Instant::now();
+        let mut inner = self.inner.lock();
+        if inner.closed {
+            return Err(Rejection::Closed);
+        }
+        if !inner.entries.iter().any(Entry::usable) {
+            return Err(Rejection::NoBackend);
+        }
+        if let Some(idx) = inner.pick() {
+            return Ok(self.take(&mut inner, idx, Duration::ZERO));
+        }
+        if inner.queue.len() >= limits.max_queue_size || limits.queue_timeout.is_zero() {
+            return Err(Rejection::QueueFull {
+                queue_len: inner.queue.len(),
+            });
+        }
+
+        let ticket = inner.next_ticket;
+        inner.next_ticket += 1;
+        let wake = Arc::new(Wake {
+            cv: Condvar::new(),
+            granted: AtomicU64::new(0),
+        });
+        inner.queue.push_back(Waiter {
+            ticket,
+            wake: Arc::clone(&wake),
+        });
+        let deadline = start + limits.queue_timeout;
+        loop {
+            let timed_out = wake.cv.wait_until(&mut inner, deadline).timed_out();
+            let granted = wake.granted.load(Ordering::Relaxed);
+            if granted != 0 {
+                // `dispatch` already counted the slot and removed us from the queue.
+                let url = inner.url_of(granted);
+                return Ok(Slot {
+                    table: Arc::clone(self),
+                    id: granted,
+                    url,
+                    queued_for: start.elapsed(),
+                });
+            }
+            if inner.closed || timed_out {
+                inner.queue.retain(|w| w.ticket != ticket);
+                return Err(if inner.closed {
+                    Rejection::Closed
+                } else {
+                    Rejection::QueueTimeout {
+                        waited: start.elapsed(),
+                    }
+                });
+            }
+            // A spurious wake-up: keep waiting for the same deadline.
+        }
+    }
+
+    /// Gives a slot back and hands it to the first waiter that can use it.
+    fn release(&self, id: BackendId) {
+        let mut inner = self.inner.lock();
+        if let Some(pos) = inner.entries.iter().position(|e| e.id == id) {
+            let entry = &mut inner.entries[pos];
+            debug_assert!(entry.in_flight > 0, "slot released twice for {}", entry.url);
+            entry.in_flight = entry.in_flight.saturating_sub(1);
+            if entry.removed && entry.in_flight == 0 {
+                inner.entries.remove(pos);
+            }
+        }
+        inner.dispatch();
+    }
+
+    /// Refuses every new and queued request from now on (shutdown).
+    pub fn close(&self) {
+        let mut inner = self.inner.lock();
+        inner.closed = true;
+        for waiter in &inner.queue {
+            waiter.wake.cv.notify_one();
+        }
+    }
+
+    pub fn view(&self) -> TableView {
+        let inner = self.inner.lock();
+        TableView {
+            backends: inner
+                .entries
+                .iter()
+                .filter(|e| !e.removed)
+                .map(|e| BackendView {
+                    id: e.id,
+                    url: e.url.to_string(),
+                    max_concurrent: e.max_concurrent,
+                    in_flight: e.in_flight,
+                    healthy: e.healthy,
+                    admitted_total: e.admitted_total,
+                })
+                .collect(),
+            queue_len: inner.queue.len(),
+        }
+    }
+
+    /// Whether any backend could take a request now or later (used by /readyz).
+    pub fn has_usable_backend(&self) -> bool {
+        let inner = self.inner.lock();
+        !inner.closed && inner.entries.iter().any(Entry::usable)
+    }
+
+    fn take(
+        self: &Arc<Self>,
+        inner: &mut MutexGuard<'_, Inner>,
+        idx: usize,
+        queued_for: Duration,
+    ) -> Slot {
+        let entry = &mut inner.entries[idx];
+        entry.in_flight += 1;
+        entry.admitted_total += 1;
+        Slot {
+            table: Arc::clone(self),
+            id: entry.id,
+            url: Arc::clone(&entry.url),
+            queued_for,
+        }
+    }
+}
+
+impl Entry {
+    fn usable(&self) -> bool {
+        self.healthy && !self.removed
+    }
+
+    fn has_room(&self) -> bool {
+        self.usable() && self.in_flight < self.max_concurrent
+    }
+}
+
+impl Inner {
+    /// The least-loaded backend with room (by in_flight / max_concurrent); among equals
+    /// the first one at or after `rotation`.
+    fn pick(&mut self) -> Option<usize> {
+        let n = self.entries.len();
+        if n == 0 {
+            return None;
+        }
+        let start = self.rotation % n;
+        let mut best: Option<usize> = None;
+        for k in 0..n {
+            let idx = (start + k) % n;
+            let e = &self.entries[idx];
+            if !e.has_room() {
+                continue;
+            }
+            let better = match best {
+                None => true,
+                Some(b) => {
+                    let b = &self.entries[b];
+                    // e.in_flight / e.max < b.in_flight / b.max, without division.
+                    u64::from(e.in_flight) * u64::from(b.max_concurrent)
+                        < u64::from(b.in_flight) * u64::from(e.max_concurrent)
+                }
+            };
+            if better {
+                best = Some(idx);
+            }
+        }
+        if best.is_some() {
+            self.rotation = self.rotation.wrapping_add(1);
+        }
+        best
+    }
+
+    /// Hands free slots to waiters in queue order; see the module invariant.
+    fn dispatch(&mut self) {
+        while !self.queue.is_empty() {
+            let Some(idx) = self.pick() else { return };
+            let entry = &mut self.entries[idx];
+            entry.in_flight += 1;
+            entry.admitted_total += 1;
+            let id = entry.id;
+            if let Some(waiter) = self.queue.pop_front() {
+                waiter.wake.granted.store(id, Ordering::Relaxed);
+                waiter.wake.cv.notify_one();
+            }
+        }
+    }
+
+    fn url_of(&self, id: BackendId) -> Arc<str> {
+        self.entries
+            .iter()
+            .find(|e| e.id == id)
+            .map(|e| Arc::clone(&e.url))
+            // A granted slot keeps its entry alive (in_flight > 0), so this is not reached.
+            .unwrap_or_else(|| Arc::from(""))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::thread;
+
+    fn table(caps: &[u32]) -> Arc<Table> {
+        let servers: Vec<ServerConfig> = caps
+            .iter()
+            .enumerate()
+            .map(|(i, &c)| ServerConfig {
+                url: format!("http://b{i}"),
+                max_concurrent_requests: c,
+            })
+            .collect();
+        Table::new(&servers)
+    }
+
+    fn limits(queue: usize, ms: u64) -> Limits {
+        Limits {
+            max_queue_size: queue,
+            queue_timeout: Duration::from_millis(ms),
+        }
+    }
+
+    fn in_flight(t: &Table) -> Vec<u32> {
+        t.view().backends.iter().map(|b| b.in_flight).collect()
+    }
+
+    #[test]
+    fn least_loaded_with_ties_rotated() {
+        let t = table(&[2, 2, 4]);
+        let picks: Vec<String> = (0..4)
+            .map(|_| {
+                let s = t.acquire(limits(0, 0)).expect("slot");
+                let url = s.backend_url().to_string();
+                std::mem::forget(s);
+                url
+            })
+            .collect();
+        // 0/2, 0/2, 0/4 all equal: rotation decides; then the 4-slot server is least loaded.
+        assert_eq!(picks, ["http://b0", "http://b1", "http://b2", "http://b2"]);
+        assert_eq!(in_flight(&t), [1, 1, 2]);
+    }
+
+    #[test]
+    fn sequential_requests_share_evenly() {
+        let t = table(&[1, 1, 1]);
+        let mut counts = [0; 3];
+        for _ in 0..30 {
+            let s = t.acquire(limits(0, 0)).expect("slot");
+            let i = (s.backend_url().as_bytes()[8] - b'0') as usize;
+            counts[i] += 1;
+        }
+        assert_eq!(counts, [10, 10, 10]);
+    }
+
+    #[test]
+    fn cap_is_never_exceeded_and_queue_full_rejects() {
+        let t = table(&[1]);
+        let held = t.acquire(limits(0, 0)).expect("slot");
+        assert_eq!(
+            t.acquire(limits(0, 1000)).unwrap_err(),
+            Rejection::QueueFull { queue_len: 0 }
+        );
+        drop(held);
+        assert_eq!(in_flight(&t), [0]);
+    }
+
+    #[test]
+    fn queue_times_out_and_leaves_the_line() {
+        let t = table(&[1]);
+        let _held = t.acquire(limits(0, 0)).expect("slot");
+        let err = t.acquire(limits(4, 50)).unwrap_err();
+        assert!(
+            matches!(err, Rejection::QueueTimeout { waited } if waited >= Duration::from_millis(50))
+        );
+        assert_eq!(t.view().queue_len, 0);
+    }
+
+    #[test]
+    fn waiters_are_served_first_come_first_served() {
+        let t = table(&[1]);
+        let held = t.acquire(limits(0, 0)).expect("slot");
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let mut handles = Vec::new();
+        for i in 0..5 {
+            let (t2, order) = (Arc::clone(&t), Arc::clone(&order));
+            handles.push(thread::spawn(move || {
+                let slot = t2.acquire(limits(10, 10_000)).expect("slot");
+                order.lock().push(i);
+                drop(slot);
+            }));
+            // Each waiter must be in line before the next one starts.
+            while t.view().queue_len < i + 1 {
+                thread::yield_now();
+            }
+        }
+        drop(held);
+        for h in handles {
+            h.join().expect("waiter thread");
+        }
+        assert_eq!(*order.lock(), [0, 1, 2, 3, 4]);
+        assert_eq!(in_flight(&t), [0]);
+    }
+
+    #[test]
+    fn close_wakes_waiters_and_refuses_new_requests() {
+        let t = table(&[1]);
+        let _held = t.acquire(limits(0, 0)).expect("slot");
+        let t2 = Arc::clone(&t);
+        let waiter = thread::spawn(move || t2.acquire(limits(4, 60_000)));
+        while t.view().queue_len == 0 {
+            thread::yield_now();
+        }
+        t.close();
+        assert_eq!(waiter.join().expect("join").unwrap_err(), Rejection::Closed);
+        assert_eq!(t.acquire(limits(4, 10)).unwrap_err(), Rejection::Closed);
+    }
+
+    #[test]
+    fn counts_return_to_zero_under_contention() {
+        let t = table(&[3, 2]);
+        let peak = Arc::new(AtomicU64::new(0));
+        let handles: Vec<_> = (0..8)
+            .map(|_| {
+                let (t, peak) = (Arc::clone(&t), Arc::clone(&peak));
+                thread::spawn(move || {
+                    for _ in 0..200 {
+                        let slot = t.acquire(limits(100, 10_000)).expect("slot");
+                        let v = t.view();
+                        for b in &v.backends {
+                            assert!(b.in_flight <= b.max_concurrent, "{b:?}");
+                        }
+                        let total: u32 = v.backends.iter().map(|b| b.in_flight).sum();
+                        peak.fetch_max(u64::from(total), Ordering::Relaxed);
+                        drop(slot);
+                    }
+                })
+            })
+            .collect();
+        for h in handles {
+            h.join().expect("worker");
+        }
+        assert_eq!(in_flight(&t), [0, 0]);
+        assert!(peak.load(Ordering::Relaxed) <= 5);
+    }
+}

@@ -1,0 +1,238 @@
+//! The command line: subcommands and flags (argh), and how a setting is resolved from
+//! its four sources. A flag beats an environment variable, which beats the config
+//! file, which beats the default.
+
+use std::path::PathBuf;
+
+use argh::FromArgs;
+use log::LevelFilter;
+
+use crate::config::{self, Settings};
+
+pub const DEFAULT_CONFIG_PATH: &str = "./servers.toml";
+pub const DEFAULT_HOST: &str = "0.0.0.0";
+pub const DEFAULT_PORT: u16 = 8888;
+pub const DEFAULT_LOG_DIR: &str = "./logs";
+
+#[derive(FromArgs, Debug)]
+/// A router in front of vLLM OpenAI-compatible servers. Without a subcommand, `run`.
+pub struct Cli {
+    /// print the version and exit
+    #[argh(switch)]
+    pub version: bool,
+    #[argh(subcommand)]
+    pub command: Option<Command>,
+}
+
+#[derive(FromArgs, Debug)]
+#[argh(subcommand)]
+pub enum Command {
+    Run(RunArgs),
+    CheckConfig(CheckConfigArgs),
+}
+
+#[derive(FromArgs, Debug, Default)]
+/// Start the router.
+#[argh(subcommand, name = "run")]
+pub struct RunArgs {
+    /// config file (env CONFIG_PATH, default ./servers.toml)
+    #[argh(option)]
+    pub config: Option<PathBuf>,
+    /// address to listen on (env HOST, default 0.0.0.0)
+    #[argh(option)]
+    pub host: Option<String>,
+    /// port to listen on, 0 for any free port (env PORT, default 8888)
+    #[argh(option)]
+    pub port: Option<u16>,
+    /// also write logs to the console (env LOG_TO_CONSOLE)
+    #[argh(switch)]
+    pub console: bool,
+    /// log level: error, warn, info, debug or trace (env LOG_LEVEL, default info)
+    #[argh(option)]
+    pub log_level: Option<String>,
+    /// directory for log files (env LOG_DIR, default ./logs)
+    #[argh(option)]
+    pub log_dir: Option<PathBuf>,
+}
+
+#[derive(FromArgs, Debug)]
+/// Check a config file and print a summary; exit non-zero when it is not valid.
+#[argh(subcommand, name = "check-config")]
+pub struct CheckConfigArgs {
+    /// config file (env CONFIG_PATH, default ./servers.toml)
+    #[argh(option)]
+    pub config: Option<PathBuf>,
+}
+
+/// Puts `run` in front of arguments that name no subcommand, so that
+/// `vllm-router --port 9000` means `vllm-router run --port 9000`.
+pub fn with_default_subcommand(args: &[String]) -> Vec<String> {
+    let needs_run = match args.first().map(String::as_str) {
+        None => true,
+        Some("run" | "check-config" | "help" | "--help" | "-h" | "--version") => false,
+        Some(_) => true,
+    };
+    let mut out = Vec::with_capacity(args.len() + 1);
+    if needs_run {
+        out.push("run".to_owned());
+    }
+    out.extend_from_slice(args);
+    out
+}
+
+/// The config file path: flag, then CONFIG_PATH, then ./servers.toml.
+pub fn config_path(flag: Option<PathBuf>, env: &dyn Fn(&str) -> Option<String>) -> PathBuf {
+    flag.or_else(|| env("CONFIG_PATH").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
+}
+
+/// Everything `run` needs besides the config file, resolved.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunSettings {
+    pub host: String,
+    pub port: u16,
+    pub console: bool,
+    pub log_level: LevelFilter,
+    pub log_dir: PathBuf,
+}
+
+/// Resolves host, port and logging from flag, environment, file and default.
+pub fn resolve(
+    args: &RunArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+    file: &Settings,
+) -> Result<RunSettings, String> {
+    let host = args
+        .host
+        .clone()
+        .or_else(|| env("HOST"))
+        .or_else(|| file.host.clone())
+        .unwrap_or_else(|| DEFAULT_HOST.to_owned());
+    let port = match (args.port, env("PORT")) {
+        (Some(p), _) => p,
+        (None, Some(p)) => p
+            .trim()
+            .parse()
+            .map_err(|_| format!("PORT={p:?} is not a port number (0 to 65535)"))?,
+        (None, None) => file.port.unwrap_or(DEFAULT_PORT),
+    };
+    let console = args.console
+        || match env("LOG_TO_CONSOLE") {
+            None => false,
+            Some(v) => parse_bool(&v)
+                .ok_or_else(|| format!("LOG_TO_CONSOLE={v:?} is not true or false"))?,
+        };
+    let log_level = match (&args.log_level, env("LOG_LEVEL")) {
+        (Some(l), _) => config::parse_log_level(l).ok_or_else(|| {
+            format!("--log-level {l:?} is not one of error, warn, info, debug, trace")
+        })?,
+        (None, Some(l)) => config::parse_log_level(&l).ok_or_else(|| {
+            format!("LOG_LEVEL={l:?} is not one of error, warn, info, debug, trace")
+        })?,
+        (None, None) => file.log_level.unwrap_or(LevelFilter::Info),
+    };
+    let log_dir = args
+        .log_dir
+        .clone()
+        .or_else(|| env("LOG_DIR").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_LOG_DIR));
+    Ok(RunSettings {
+        host,
+        port,
+        console,
+        log_level,
+        log_dir,
+    })
+}
+
+fn parse_bool(v: &str) -> Option<bool> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Some(true),
+        "0" | "false" | "no" | "off" | "" => Some(false),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env_of(pairs: &'static [(&'static str, &'static str)]) -> impl Fn(&str) -> Option<String> {
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
+    }
+
+    #[test]
+    fn a_flag_beats_env_beats_file_beats_default() {
+        let file = Settings {
+            host: Some("10.0.0.1".into()),
+            port: Some(7000),
+            ..Settings::default()
+        };
+        let none = RunArgs::default();
+        let flags = RunArgs {
+            host: Some("127.0.0.1".into()),
+            port: Some(9000),
+            ..RunArgs::default()
+        };
+        let env = env_of(&[("HOST", "::1"), ("PORT", "8000")]);
+        let r = resolve(&flags, &env, &file).expect("valid");
+        assert_eq!((r.host.as_str(), r.port), ("127.0.0.1", 9000));
+        let r = resolve(&none, &env, &file).expect("valid");
+        assert_eq!((r.host.as_str(), r.port), ("::1", 8000));
+        let r = resolve(&none, &env_of(&[]), &file).expect("valid");
+        assert_eq!((r.host.as_str(), r.port), ("10.0.0.1", 7000));
+        let r = resolve(&none, &env_of(&[]), &Settings::default()).expect("valid");
+        assert_eq!((r.host.as_str(), r.port), (DEFAULT_HOST, DEFAULT_PORT));
+        assert_eq!(r.log_level, LevelFilter::Info);
+        assert!(!r.console);
+    }
+
+    #[test]
+    fn bad_environment_values_are_errors() {
+        let none = RunArgs::default();
+        let file = Settings::default();
+        assert!(resolve(&none, &env_of(&[("PORT", "http")]), &file).is_err());
+        assert!(resolve(&none, &env_of(&[("LOG_LEVEL", "loud")]), &file).is_err());
+        assert!(resolve(&none, &env_of(&[("LOG_TO_CONSOLE", "maybe")]), &file).is_err());
+        let r = resolve(
+            &none,
+            &env_of(&[("LOG_LEVEL", "debug"), ("LOG_TO_CONSOLE", "TRUE")]),
+            &file,
+        )
+        .expect("ok");
+        assert_eq!((r.log_level, r.console), (LevelFilter::Debug, true));
+    }
+
+    #[test]
+    fn run_is_the_default_subcommand() {
+        let args = |a: &[&str]| {
+            with_default_subcommand(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+        };
+        assert_eq!(args(&[]), ["run"]);
+        assert_eq!(args(&["--port", "1"]), ["run", "--port", "1"]);
+        assert_eq!(args(&["check-config"]), ["check-config"]);
+        assert_eq!(args(&["--version"]), ["--version"]);
+    }
+
+    #[test]
+    fn config_path_comes_from_flag_then_env_then_default() {
+        let env = env_of(&[("CONFIG_PATH", "/etc/vllm-router/servers.toml")]);
+        assert_eq!(
+            config_path(Some("x.toml".into()), &env),
+            PathBuf::from("x.toml")
+        );
+        assert_eq!(
+            config_path(None, &env),
+            PathBuf::from("/etc/vllm-router/servers.toml")
+        );
+        assert_eq!(
+            config_path(None, &env_of(&[])),
+            PathBuf::from(DEFAULT_CONFIG_PATH)
+        );
+    }
+}

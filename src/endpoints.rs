@@ -1,0 +1,125 @@
+//! The router's own endpoints, answered without touching a backend: `/health`,
+//! `/livez`, `/readyz` and `/load-stats`. Everything else is proxied.
+//!
+//! They read a snapshot of the slot table (`Table::view`), so they never wait behind a
+//! backend and stay fast when every backend is busy or hung.
+
+use std::sync::Arc;
+
+use serde_json::json;
+use tiny_http::{Method, Request};
+
+use crate::admission::{BackendView, TableView};
+use crate::error::RouterError;
+use crate::shared::Shared;
+use crate::wire;
+
+/// Answers the request if it is for one of the router's own paths; otherwise gives
+/// it back to be proxied.
+pub fn try_handle(request: Request, shared: &Arc<Shared>) -> Option<Request> {
+    let path = request.url().split('?').next().unwrap_or("").to_owned();
+    let answer: fn(&Shared) -> (u16, serde_json::Value) = match path.as_str() {
+        "/health" => health,
+        "/livez" => |_| (200, json!({ "status": "alive" })),
+        "/readyz" => readyz,
+        "/load-stats" => load_stats,
+        _ => return Some(request),
+    };
+    let result = if matches!(request.method(), Method::Get | Method::Head) {
+        let (status, doc) = answer(shared);
+        wire::send_json(request, status, &doc)
+    } else {
+        wire::send_error(
+            request,
+            &RouterError::MethodNotAllowed { allow: "GET, HEAD" },
+        )
+    };
+    if let Err(e) = result {
+        log::debug!("could not answer {path}: {e}");
+    }
+    None
+}
+
+fn server_json(b: &BackendView) -> serde_json::Value {
+    let available = b.max_concurrent.saturating_sub(b.in_flight);
+    json!({
+        "url": b.url,
+        "healthy": b.healthy,
+        "in_flight": b.in_flight,
+        "max_concurrent_requests": b.max_concurrent,
+        "available": available,
+        "utilization_percent": percent(b.in_flight, b.max_concurrent),
+        "requests_total": b.admitted_total,
+    })
+}
+
+fn percent(part: u32, whole: u32) -> f64 {
+    if whole == 0 {
+        return 0.0;
+    }
+    (f64::from(part) * 1000.0 / f64::from(whole)).round() / 10.0
+}
+
+/// 200 while at least one backend is healthy, else 503.
+fn health(shared: &Shared) -> (u16, serde_json::Value) {
+    let view = shared.table.view();
+    let healthy = view.backends.iter().filter(|b| b.healthy).count();
+    let total = view.backends.len();
+    let status = if healthy == 0 {
+        "unhealthy"
+    } else if healthy < total {
+        "degraded"
+    } else {
+        "healthy"
+    };
+    let doc = json!({
+        "status": status,
+        "healthy_servers": healthy,
+        "total_servers": total,
+        "uptime_seconds": shared.started.elapsed().as_secs(),
+        "version": env!("CARGO_PKG_VERSION"),
+        "servers": view.backends.iter().map(server_json).collect::<Vec<_>>(),
+    });
+    (if healthy > 0 { 200 } else { 503 }, doc)
+}
+
+/// 200 when the router can route a request now; 503 while draining or with no usable
+/// backend, so a load balancer sends traffic elsewhere without restarting us.
+fn readyz(shared: &Shared) -> (u16, serde_json::Value) {
+    if shared.is_draining() {
+        (503, json!({ "status": "draining" }))
+    } else if shared.table.has_usable_backend() {
+        (200, json!({ "status": "ready" }))
+    } else {
+        (503, json!({ "status": "no_healthy_backend" }))
+    }
+}
+
+fn load_stats(shared: &Shared) -> (u16, serde_json::Value) {
+    let TableView {
+        backends,
+        queue_len,
+    } = shared.table.view();
+    let config = shared.config();
+    let in_flight: u32 = backends.iter().map(|b| b.in_flight).sum();
+    let capacity: u32 = backends.iter().map(|b| b.max_concurrent).sum();
+    let healthy_capacity: u32 = backends
+        .iter()
+        .filter(|b| b.healthy)
+        .map(|b| b.max_concurrent)
+        .sum();
+    let doc = json!({
+        "servers": backends.iter().map(server_json).collect::<Vec<_>>(),
+        "summary": {
+            "total_servers": backends.len(),
+            "healthy_servers": backends.iter().filter(|b| b.healthy).count(),
+            "total_in_flight": in_flight,
+            "total_capacity": capacity,
+            "available": healthy_capacity.saturating_sub(in_flight),
+            "utilization_percent": percent(in_flight, capacity),
+            "queue_length": queue_len,
+            "max_queue_size": config.settings.max_queue_size,
+        },
+    });
+    (200, doc)
+}

@@ -1,0 +1,219 @@
+//! The errors the router itself answers with, and the one place that knows their wire
+//! shape: an OpenAI-style body `{"error": {"message", "type", "param", "code"}}` and
+//! the status that goes with it.
+//!
+//! Errors are classified by side, as a proxy should: the client's mistakes are 4xx,
+//! lack of capacity is 503 with `Retry-After`, a backend that failed is 502 or 504, and
+//! the router's own faults are 500. A backend's own error replies are not `RouterError`s:
+//! they are relayed untouched.
+
+use std::fmt;
+use std::time::Duration;
+
+use crate::admission::Rejection;
+
+/// An error the router answers itself, before or instead of a backend reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RouterError {
+    /// Every slot is taken and the queue is full.
+    QueueFull { queue_len: usize },
+    /// The request waited `queue_timeout` for a slot.
+    QueueTimeout { waited: Duration },
+    /// No healthy backend exists.
+    NoBackend,
+    /// The router is shutting down and takes no new requests.
+    ShuttingDown,
+    /// The request body is larger than `max_body_bytes`.
+    BodyTooLarge { limit: u64 },
+    /// The request is malformed in a way the router must not forward.
+    BadRequest(String),
+    /// The request's method is one the router does not serve on this path.
+    MethodNotAllowed { allow: &'static str },
+    /// The backend could not be reached or broke the exchange before its reply head.
+    BadGateway { backend: String, reason: String },
+    /// The backend did not answer within `request_timeout`.
+    GatewayTimeout { backend: String },
+    /// A fault inside the router (a caught panic).
+    Internal,
+}
+
+impl RouterError {
+    pub fn status(&self) -> u16 {
+        match self {
+            RouterError::QueueFull { .. }
+            | RouterError::QueueTimeout { .. }
+            | RouterError::NoBackend
+            | RouterError::ShuttingDown => 503,
+            RouterError::BodyTooLarge { .. } => 413,
+            RouterError::BadRequest(_) => 400,
+            RouterError::MethodNotAllowed { .. } => 405,
+            RouterError::BadGateway { .. } => 502,
+            RouterError::GatewayTimeout { .. } => 504,
+            RouterError::Internal => 500,
+        }
+    }
+
+    /// The OpenAI error `type`.
+    fn kind(&self) -> &'static str {
+        match self {
+            RouterError::QueueFull { .. }
+            | RouterError::QueueTimeout { .. }
+            | RouterError::NoBackend
+            | RouterError::ShuttingDown => "server_overloaded",
+            RouterError::BodyTooLarge { .. }
+            | RouterError::BadRequest(_)
+            | RouterError::MethodNotAllowed { .. } => "invalid_request_error",
+            RouterError::BadGateway { .. } | RouterError::GatewayTimeout { .. } => "upstream_error",
+            RouterError::Internal => "internal_error",
+        }
+    }
+
+    /// A stable machine-readable `code`, for clients and dashboards.
+    pub fn code(&self) -> &'static str {
+        match self {
+            RouterError::QueueFull { .. } => "queue_full",
+            RouterError::QueueTimeout { .. } => "queue_timeout",
+            RouterError::NoBackend => "no_healthy_backend",
+            RouterError::ShuttingDown => "shutting_down",
+            RouterError::BodyTooLarge { .. } => "request_too_large",
+            RouterError::BadRequest(_) => "bad_request",
+            RouterError::MethodNotAllowed { .. } => "method_not_allowed",
+            RouterError::BadGateway { .. } => "backend_unavailable",
+            RouterError::GatewayTimeout { .. } => "backend_timeout",
+            RouterError::Internal => "internal_error",
+        }
+    }
+
+    /// Seconds a client should wait before trying again, for the capacity errors.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            RouterError::QueueFull { .. }
+            | RouterError::QueueTimeout { .. }
+            | RouterError::NoBackend
+            | RouterError::ShuttingDown => Some(1),
+            _ => None,
+        }
+    }
+
+    /// The OpenAI-style JSON body.
+    pub fn body(&self) -> String {
+        serde_json::json!({
+            "error": {
+                "message": self.to_string(),
+                "type": self.kind(),
+                "param": null,
+                "code": self.code(),
+            }
+        })
+        .to_string()
+    }
+}
+
+impl fmt::Display for RouterError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RouterError::QueueFull { queue_len } => write!(
+                f,
+                "all backends are at capacity and {queue_len} requests are already queued; retry later"
+            ),
+            RouterError::QueueTimeout { waited } => write!(
+                f,
+                "all backends stayed at capacity for {:.1}s; retry later",
+                waited.as_secs_f64()
+            ),
+            RouterError::NoBackend => write!(f, "no healthy backend is available; retry later"),
+            RouterError::ShuttingDown => write!(f, "the router is shutting down; retry on another instance"),
+            RouterError::BodyTooLarge { limit } => {
+                write!(f, "request body is larger than the limit of {limit} bytes")
+            }
+            RouterError::BadRequest(why) => write!(f, "bad request: {why}"),
+            RouterError::MethodNotAllowed { allow } => {
+                write!(f, "method not allowed here; allowed: {allow}")
+            }
+            RouterError::BadGateway { backend, reason } => {
+                write!(f, "backend {backend} failed: {reason}")
+            }
+            RouterError::GatewayTimeout { backend } => {
+                write!(f, "backend {backend} did not answer in time")
+            }
+            RouterError::Internal => write!(f, "internal router error; the request was not completed"),
+        }
+    }
+}
+
+impl std::error::Error for RouterError {}
+
+impl From<Rejection> for RouterError {
+    fn from(r: Rejection) -> Self {
+        match r {
+            Rejection::NoBackend => RouterError::NoBackend,
+            Rejection::QueueFull { queue_len } => RouterError::QueueFull { queue_len },
+            Rejection::QueueTimeout { waited } => RouterError::QueueTimeout { waited },
+            Rejection::Closed => RouterError::ShuttingDown,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(err: RouterError, status: u16, code: &str, retry_after: Option<u64>) {
+        assert_eq!(err.status(), status, "{err:?}");
+        assert_eq!(err.retry_after(), retry_after, "{err:?}");
+        let body: serde_json::Value = serde_json::from_str(&err.body()).expect("json body");
+        assert_eq!(body["error"]["code"], code);
+        assert_eq!(body["error"]["message"], err.to_string());
+        assert!(body["error"]["type"].is_string());
+    }
+
+    #[test]
+    fn status_and_body_are_decided_together() {
+        check(
+            RouterError::QueueFull { queue_len: 3 },
+            503,
+            "queue_full",
+            Some(1),
+        );
+        check(
+            RouterError::QueueTimeout {
+                waited: Duration::from_secs(2),
+            },
+            503,
+            "queue_timeout",
+            Some(1),
+        );
+        check(RouterError::NoBackend, 503, "no_healthy_backend", Some(1));
+        check(RouterError::ShuttingDown, 503, "shutting_down", Some(1));
+        check(
+            RouterError::BodyTooLarge { limit: 10 },
+            413,
+            "request_too_large",
+            None,
+        );
+        check(
+            RouterError::BadRequest("x".into()),
+            400,
+            "bad_request",
+            None,
+        );
+        check(
+            RouterError::BadGateway {
+                backend: "http://b".into(),
+                reason: "refused".into(),
+            },
+            502,
+            "backend_unavailable",
+            None,
+        );
+        check(
+            RouterError::GatewayTimeout {
+                backend: "http://b".into(),
+            },
+            504,
+            "backend_timeout",
+            None,
+        );
+        check(RouterError::Internal, 500, "internal_error", None);
+    }
+}

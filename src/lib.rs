@@ -1,0 +1,15 @@
+//! vllm-router: a synchronous thread-pool proxy in front of vLLM OpenAI-compatible
+//! servers. ARCHITECTURE.md is the map; each module's doc says what it owns.
+#![deny(unsafe_code)] // the two exceptions (headers, server) say why where they allow it
+
+pub mod admission;
+pub mod cli;
+pub mod config;
+pub mod endpoints;
+pub mod error;
+pub mod headers;
+pub mod logging;
+pub mod relay;
+pub mod server;
+pub mod shared;
+pub mod wire;

@@ -1,0 +1,313 @@
+//! The request path of a proxied request, one function per phase, called top-down
+//! from `handle`:
+//!
+//! `read_body` (framing checks, size limit) → `admit` (a slot, or wait in line) →
+//! `send_request` (ureq, head and body) → `relay_response` (head, then one chunk per
+//! backend read, flushed) → the `Slot` drops and the backend's slot is free again.
+//!
+//! Nothing reaches the client before the backend's response head, so until then any
+//! failure can still be answered with a clean error.
+
+use std::io::Read;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tiny_http::Request;
+use ureq::http;
+
+use crate::admission::{Limits, Slot};
+use crate::config::Config;
+use crate::error::RouterError;
+use crate::headers;
+use crate::shared::Shared;
+use crate::wire::{self, BodyWriter, ClientConn, Framing};
+
+/// Connecting to a backend on the same network takes milliseconds; a backend that
+/// does not accept within this is treated as down rather than waited for.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The size of one read from the backend, and so the largest chunk sent to the client.
+const READ_BUF: usize = 16 * 1024;
+
+/// How a proxied request ended, for the log line.
+struct Outcome {
+    status: u16,
+    bytes_out: u64,
+    end: End,
+}
+
+enum End {
+    Complete,
+    /// The client went away; the backend connection was closed with it.
+    ClientGone,
+    /// The backend broke mid-body; the client saw an aborted reply.
+    BackendBroke(String),
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} {}B ", self.status, self.bytes_out)?;
+        match &self.end {
+            End::Complete => write!(f, "complete"),
+            End::ClientGone => write!(f, "client gone"),
+            End::BackendBroke(why) => write!(f, "backend broke off: {why}"),
+        }
+    }
+}
+
+/// Handles one proxied request to its end.
+pub fn handle(mut request: Request, shared: &Arc<Shared>) {
+    let started = Instant::now();
+    let config = shared.config();
+    let method = request.method().as_str().to_owned();
+    let target = request.url().to_owned();
+
+    let client_headers = headers::client_headers(request.headers());
+    let body = match read_body(
+        &mut request,
+        &client_headers,
+        config.settings.max_body_bytes,
+    ) {
+        Ok(body) => body,
+        Err(err) => return reject(request, &method, &target, &err),
+    };
+    if !target.starts_with('/') {
+        let err = RouterError::BadRequest(format!(
+            "request target {target:?} must be a path starting with /"
+        ));
+        return reject(request, &method, &target, &err);
+    }
+    let slot = match admit(shared, &config) {
+        Ok(slot) => slot,
+        Err(err) => return reject(request, &method, &target, &err),
+    };
+    let response = match send_request(
+        shared,
+        &config,
+        &slot,
+        &method,
+        &target,
+        &client_headers,
+        body,
+    ) {
+        Ok(response) => response,
+        Err(err) => return reject(request, &method, &target, &err),
+    };
+    let outcome = relay_response(request, response);
+    log::debug!(
+        "{method} {target} -> {} queued={:?} took={:?} {outcome}",
+        slot.backend_url(),
+        slot.queued_for,
+        started.elapsed()
+    );
+    drop(slot);
+}
+
+fn reject(request: Request, method: &str, target: &str, err: &RouterError) {
+    log::debug!("{method} {target} -> {} {err}", err.status());
+    if let Err(e) = wire::send_error(request, err) {
+        log::debug!("could not send the error reply: {e}");
+    }
+}
+
+/// Reads the whole request body, refusing framing that the router and the backend
+/// could read differently and bodies over `max_body_bytes`. The body is held in memory
+/// so it is forwarded byte for byte with an exact Content-Length.
+fn read_body(
+    request: &mut Request,
+    client_headers: &[(String, String)],
+    limit: u64,
+) -> Result<Vec<u8>, RouterError> {
+    let declared = headers::declared_length(client_headers).map_err(RouterError::BadRequest)?;
+    if declared.is_some_and(|len| len > limit) {
+        // Refused before reading: nothing of a huge body is buffered.
+        return Err(RouterError::BodyTooLarge { limit });
+    }
+    let mut body = Vec::with_capacity(declared.unwrap_or(0).min(64 * 1024) as usize);
+    let read = request
+        .as_reader()
+        .take(limit.saturating_add(1))
+        .read_to_end(&mut body)
+        .map_err(|e| RouterError::BadRequest(format!("could not read the request body: {e}")))?;
+    if read as u64 > limit {
+        return Err(RouterError::BodyTooLarge { limit });
+    }
+    Ok(body)
+}
+
+/// Takes a slot on the least-loaded backend, waiting in line if all are full.
+fn admit(shared: &Shared, config: &Config) -> Result<Slot, RouterError> {
+    let limits = Limits {
+        max_queue_size: config.settings.max_queue_size,
+        queue_timeout: config.settings.queue_timeout,
+    };
+    Ok(shared.table.acquire(limits)?)
+}
+
+/// Sends the request to the slot's backend and waits for its response head.
+fn send_request(
+    shared: &Shared,
+    config: &Config,
+    slot: &Slot,
+    method: &str,
+    target: &str,
+    client_headers: &[(String, String)],
+    body: Vec<u8>,
+) -> Result<http::Response<ureq::Body>, RouterError> {
+    let uri = format!("{}{}", slot.backend_url(), target);
+    let mut builder = http::Request::builder().method(method).uri(&uri);
+    for (name, value) in headers::upstream_headers(client_headers) {
+        builder = builder.header(name, value);
+    }
+    let request = builder
+        .body(body)
+        .map_err(|e| RouterError::BadRequest(format!("cannot forward this request: {e}")))?;
+    let timeout = config.settings.request_timeout;
+    let request = shared
+        .agent
+        .configure_request(request)
+        .timeout_connect(Some(CONNECT_TIMEOUT.min(timeout)))
+        .timeout_recv_response(Some(timeout))
+        // The longest gap between two reads of the body: a stream that keeps
+        // producing tokens is never cut, one that stalls is.
+        .timeout_per_read(Some(timeout))
+        .build();
+    shared
+        .agent
+        .run(request)
+        .map_err(|e| backend_error(slot.backend_url(), e))
+}
+
+fn backend_error(backend: &str, err: ureq::Error) -> RouterError {
+    use ureq::Timeout;
+    let backend = backend.to_owned();
+    let reason = match err {
+        ureq::Error::Timeout(Timeout::Connect | Timeout::Resolve) => "connect timed out".to_owned(),
+        ureq::Error::Timeout(_) => return RouterError::GatewayTimeout { backend },
+        ureq::Error::HostNotFound => "host not found".to_owned(),
+        ureq::Error::Io(e) => e.to_string(),
+        ureq::Error::Protocol(e) => format!("invalid HTTP reply: {e}"),
+        other => other.to_string(),
+    };
+    RouterError::BadGateway { backend, reason }
+}
+
+/// Relays the backend's response: its status and headers as they are, then the body,
+/// each backend read flushed to the client as one chunk.
+fn relay_response(request: Request, response: http::Response<ureq::Body>) -> Outcome {
+    let conn = ClientConn::of(&request);
+    let status = response.status().as_u16();
+    let backend_headers: Vec<(String, String)> = response
+        .headers()
+        .iter()
+        .map(|(n, v)| {
+            (
+                n.as_str().to_owned(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    let mut out_headers = headers::downstream_headers(&backend_headers);
+    let is_event_stream = headers::find(&out_headers, "content-type")
+        .is_some_and(|ct| ct.starts_with("text/event-stream"));
+    if is_event_stream && headers::find(&out_headers, "x-accel-buffering").is_none() {
+        // Tells an nginx in front of the router not to buffer the stream either.
+        out_headers.push(("X-Accel-Buffering".to_owned(), "no".to_owned()));
+    }
+    let mut reader = response.into_body().into_reader();
+
+    if conn.head_request || status == 204 || status == 304 || (100..200).contains(&status) {
+        let writer = BodyWriter::start(request, conn, status, &out_headers, Framing::None);
+        return match writer.finish() {
+            Ok(_) => Outcome {
+                status,
+                bytes_out: 0,
+                end: End::Complete,
+            },
+            Err(_) => Outcome {
+                status,
+                bytes_out: 0,
+                end: End::ClientGone,
+            },
+        };
+    }
+
+    let Some(framing) = conn.streaming_framing() else {
+        return relay_buffered(request, status, &out_headers, &mut reader);
+    };
+    let mut writer = BodyWriter::start(request, conn, status, &out_headers, framing);
+    let mut buf = vec![0u8; READ_BUF];
+    loop {
+        match reader.read(&mut buf) {
+            Ok(0) => {
+                return match writer.finish() {
+                    Ok(bytes_out) => Outcome {
+                        status,
+                        bytes_out,
+                        end: End::Complete,
+                    },
+                    Err(_) => Outcome {
+                        status,
+                        bytes_out: 0,
+                        end: End::ClientGone,
+                    },
+                };
+            }
+            Ok(n) => {
+                if writer.send(&buf[..n]).is_err() {
+                    // Returning drops `reader` half-read, which closes the backend
+                    // connection: vLLM sees the disconnect and stops generating.
+                    return Outcome {
+                        status,
+                        bytes_out: writer.bytes_out(),
+                        end: End::ClientGone,
+                    };
+                }
+            }
+            Err(e) => {
+                let reason = e.to_string();
+                let bytes_out = writer.abort();
+                return Outcome {
+                    status,
+                    bytes_out,
+                    end: End::BackendBroke(reason),
+                };
+            }
+        }
+    }
+}
+
+/// HTTP/1.0 keep-alive clients need a Content-Length, so their reply is read whole
+/// first. Everyone else gets the body as it arrives.
+fn relay_buffered(
+    request: Request,
+    status: u16,
+    headers: &[(String, String)],
+    reader: &mut impl Read,
+) -> Outcome {
+    let mut body = Vec::new();
+    if let Err(e) = reader.read_to_end(&mut body) {
+        let err = RouterError::BadGateway {
+            backend: "backend".to_owned(),
+            reason: format!("reply broke off: {e}"),
+        };
+        let _ = wire::send_error(request, &err);
+        return Outcome {
+            status,
+            bytes_out: 0,
+            end: End::BackendBroke(e.to_string()),
+        };
+    }
+    match wire::send_full(request, status, headers, &body) {
+        Ok(()) => Outcome {
+            status,
+            bytes_out: body.len() as u64,
+            end: End::Complete,
+        },
+        Err(_) => Outcome {
+            status,
+            bytes_out: 0,
+            end: End::ClientGone,
+        },
+    }
+}

@@ -1,0 +1,77 @@
+//! The state every thread shares, built once by `main` and cloned (as `Arc<Shared>`)
+//! into every worker. Each piece has one writer:
+//!
+//! | piece      | written by                                  | read by                    |
+//! |------------|---------------------------------------------|----------------------------|
+//! | `config`   | `main` at start (the reload thread, later)  | every request, at its start |
+//! | `table`    | `admission` only (acquire, release, close)  | status endpoints (views)   |
+//! | `agent`    | nobody (ureq's pool is internally locked)   | `relay`                    |
+//! | `draining` | the signal handler, once                    | `/readyz`, workers         |
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use parking_lot::RwLock;
+
+use crate::admission::Table;
+use crate::config::Config;
+
+pub struct Shared {
+    config: RwLock<Arc<Config>>,
+    pub table: Arc<Table>,
+    pub agent: ureq::Agent,
+    pub started: Instant,
+    draining: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Arc<Shared> {
+        let table = Table::new(&config.servers);
+        Arc::new(Shared {
+            config: RwLock::new(Arc::new(config)),
+            table,
+            agent: backend_agent(),
+            started: Instant::now(),
+            draining: AtomicBool::new(false),
+        })
+    }
+
+    /// The current config. A request takes this snapshot once and keeps it to the end,
+    /// so a reload never changes the rules halfway through a request.
+    pub fn config(&self) -> Arc<Config> {
+        Arc::clone(&self.config.read())
+    }
+
+    /// Stops admitting requests: `/readyz` turns 503 and queued requests are refused.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+        self.table.close();
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+}
+
+/// The HTTP client towards the backends. It must add nothing of its own to what it
+/// relays: no redirects followed, no status turned into an error, no User-Agent,
+/// Accept or Accept-Encoding of its own, and no decompression (the gzip feature is off
+/// in Cargo.toml) so bodies reach the client as the backend sent them.
+fn backend_agent() -> ureq::Agent {
+    use ureq::config::AutoHeaderValue;
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .max_redirects_will_error(false)
+        .user_agent(AutoHeaderValue::None)
+        .accept(AutoHeaderValue::None)
+        .accept_encoding(AutoHeaderValue::None)
+        .allow_non_standard_methods(true)
+        .no_delay(true)
+        // Enough idle connections that a busy backend is not re-dialled per request.
+        .max_idle_connections(1024)
+        .max_idle_connections_per_host(256)
+        .build()
+        .new_agent()
+}

@@ -1,0 +1,237 @@
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::support::{servers_toml, wait_until, Conn, Mock, Router};
+
+const CHAT: &str = "/v1/chat/completions";
+
+fn chat(tokens: u32, delay_ms: u32) -> String {
+    format!(
+        r#"{{"model":"mock-model","messages":[{{"role":"user","content":"hi"}}],"max_tokens":{tokens},"x":{delay_ms}}}"#
+    )
+}
+
+/// Sends a request that holds its slot for about `ms` milliseconds.
+fn slow_request(router: &Router, ms: u32) -> crate::support::Resp {
+    let delay = (ms / 4).to_string();
+    crate::support::request(
+        router.addr,
+        "POST",
+        CHAT,
+        &[
+            ("Content-Type", "application/json"),
+            ("x-mock-delay-ms", &delay),
+            ("x-mock-tokens", "4"),
+        ],
+        chat(4, 0).as_bytes(),
+    )
+}
+
+#[test]
+fn the_cap_is_never_exceeded_under_concurrency() {
+    let a = Mock::start(&[]);
+    let b = Mock::start(&[]);
+    let router = Router::start(&servers_toml(
+        &[(&a.url, 2), (&b.url, 3)],
+        "queue_timeout = 60",
+    ));
+    let router = Arc::new(router);
+    let handles: Vec<_> = (0..25)
+        .map(|_| {
+            let router = Arc::clone(&router);
+            thread::spawn(move || slow_request(&router, 120).status)
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().expect("client thread"), 200);
+    }
+    // The mocks count concurrency themselves: the router's own numbers are not trusted.
+    assert!(a.stat("peak_in_flight") <= 2, "a: {}", a.stats());
+    assert!(b.stat("peak_in_flight") <= 3, "b: {}", b.stats());
+    assert_eq!(
+        a.stat("peak_in_flight") + b.stat("peak_in_flight"),
+        5,
+        "both backends filled"
+    );
+    assert_eq!(a.stat("total") + b.stat("total"), 25);
+    wait_until(Duration::from_secs(5), "in-flight back to zero", || {
+        router.in_flight() == [0, 0]
+    });
+}
+
+#[test]
+fn equal_backends_share_requests_evenly() {
+    let mocks: Vec<Mock> = (0..3).map(|_| Mock::start(&[])).collect();
+    let backends: Vec<(&str, u32)> = mocks.iter().map(|m| (m.url.as_str(), 4)).collect();
+    let router = Router::start(&servers_toml(&backends, ""));
+    for _ in 0..30 {
+        assert_eq!(router.post(CHAT, &chat(2, 0)).status, 200);
+    }
+    let totals: Vec<u64> = mocks.iter().map(|m| m.stat("total")).collect();
+    assert_eq!(totals, [10, 10, 10]);
+}
+
+#[test]
+fn waiting_requests_are_served_first_come_first_served() {
+    let mock = Mock::start(&[]);
+    let router = Arc::new(Router::start(&servers_toml(
+        &[(&mock.url, 1)],
+        "queue_timeout = 60",
+    )));
+    let holder = {
+        let router = Arc::clone(&router);
+        thread::spawn(move || slow_request(&router, 400).status)
+    };
+    wait_until(Duration::from_secs(5), "the slot is taken", || {
+        router.in_flight() == [1]
+    });
+    let order = Arc::new(Mutex::new(Vec::new()));
+    let mut waiters = Vec::new();
+    for i in 0..4 {
+        let (r, order) = (Arc::clone(&router), Arc::clone(&order));
+        waiters.push(thread::spawn(move || {
+            let resp = slow_request(&r, 40);
+            order.lock().expect("order").push(i);
+            resp.status
+        }));
+        // The next one queues only after this one is in line.
+        wait_until(Duration::from_secs(5), "waiter in line", || {
+            router.get_json("/load-stats")["summary"]["queue_length"] == i + 1
+        });
+    }
+    assert_eq!(holder.join().expect("holder"), 200);
+    for w in waiters {
+        assert_eq!(w.join().expect("waiter"), 200);
+    }
+    assert_eq!(*order.lock().expect("order"), [0, 1, 2, 3]);
+    assert_eq!(mock.stat("peak_in_flight"), 1);
+}
+
+#[test]
+fn a_request_that_waits_too_long_gets_503_with_retry_after() {
+    let mock = Mock::start(&[]);
+    let router = Arc::new(Router::start(&servers_toml(
+        &[(&mock.url, 1)],
+        "queue_timeout = 0.3",
+    )));
+    let holder = {
+        let router = Arc::clone(&router);
+        thread::spawn(move || slow_request(&router, 1500).status)
+    };
+    wait_until(Duration::from_secs(5), "the slot is taken", || {
+        router.in_flight() == [1]
+    });
+    let started = Instant::now();
+    let resp = router.post(CHAT, &chat(1, 0));
+    let waited = started.elapsed();
+    assert_eq!(resp.status, 503, "{}", resp.text());
+    assert!(
+        waited >= Duration::from_millis(300),
+        "answered after {waited:?}, before queue_timeout"
+    );
+    assert!(
+        waited < Duration::from_millis(1400),
+        "answered after {waited:?}, not at queue_timeout"
+    );
+    assert_eq!(resp.header("retry-after"), Some("1"));
+    assert_eq!(resp.header("content-type"), Some("application/json"));
+    let body = resp.json();
+    assert_eq!(body["error"]["code"], "queue_timeout");
+    assert_eq!(body["error"]["type"], "server_overloaded");
+    assert!(body["error"]["message"]
+        .as_str()
+        .is_some_and(|m| !m.is_empty()));
+    assert_eq!(holder.join().expect("holder"), 200);
+    assert_eq!(
+        mock.stat("total"),
+        1,
+        "the timed-out request never reached the backend"
+    );
+}
+
+#[test]
+fn a_full_queue_answers_503_at_once() {
+    let mock = Mock::start(&[]);
+    let router = Arc::new(Router::start(&servers_toml(
+        &[(&mock.url, 1)],
+        "queue_timeout = 30\nmax_queue_size = 1",
+    )));
+    let holder = {
+        let router = Arc::clone(&router);
+        thread::spawn(move || slow_request(&router, 1000).status)
+    };
+    wait_until(Duration::from_secs(5), "the slot is taken", || {
+        router.in_flight() == [1]
+    });
+    let queued = {
+        let router = Arc::clone(&router);
+        thread::spawn(move || slow_request(&router, 40).status)
+    };
+    wait_until(Duration::from_secs(5), "one request queued", || {
+        router.get_json("/load-stats")["summary"]["queue_length"] == 1
+    });
+    let started = Instant::now();
+    let resp = router.post(CHAT, &chat(1, 0));
+    assert_eq!(resp.status, 503);
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "a full queue must not make anyone wait"
+    );
+    assert_eq!(resp.json()["error"]["code"], "queue_full");
+    assert_eq!(resp.header("retry-after"), Some("1"));
+    assert_eq!(holder.join().expect("holder"), 200);
+    assert_eq!(queued.join().expect("queued"), 200);
+}
+
+#[test]
+fn an_unreachable_backend_gives_502_with_an_openai_error() {
+    // A port that was free a moment ago: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let router = Router::start(&servers_toml(
+        &[(&format!("http://127.0.0.1:{port}"), 2)],
+        "",
+    ));
+    let resp = router.post(CHAT, &chat(1, 0));
+    assert_eq!(resp.status, 502, "{}", resp.text());
+    assert_eq!(resp.json()["error"]["code"], "backend_unavailable");
+    assert_eq!(router.in_flight(), [0]);
+}
+
+#[test]
+fn keep_alive_replies_are_not_held_by_nagle() {
+    let mock = Mock::start(&[]);
+    let router = Router::start(&servers_toml(&[(&mock.url, 4)], ""));
+    let mut conn = Conn::open(router.addr);
+    let body = chat(2, 0);
+    // Warm up the backend connection pool, then time sequential requests on one
+    // client connection. A Nagle/delayed-ACK stall costs ~40 ms per reply.
+    conn.send(
+        "POST",
+        CHAT,
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+        false,
+    );
+    assert_eq!(conn.read_response(false).expect("reply").status, 200);
+    let n = 20;
+    let started = Instant::now();
+    for _ in 0..n {
+        conn.send(
+            "POST",
+            CHAT,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+            false,
+        );
+        assert_eq!(conn.read_response(false).expect("reply").status, 200);
+    }
+    let mean = started.elapsed() / n;
+    assert!(
+        mean < Duration::from_millis(25),
+        "mean reply time {mean:?} on a keep-alive connection"
+    );
+}

@@ -1,0 +1,406 @@
+//! Test support: start the real `vllm-router` and `mock-vllm` binaries on 127.0.0.1
+//! with ephemeral ports, talk to them over real sockets, and poll for conditions
+//! instead of sleeping. Every child process is killed when its handle drops.
+
+#![allow(dead_code)] // each test module uses a different part of this
+
+use std::fmt::Write as _;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const ROUTER: &str = env!("CARGO_BIN_EXE_vllm-router");
+pub const MOCK: &str = env!("CARGO_BIN_EXE_mock-vllm");
+
+/// A fresh directory per test under the system temp dir.
+pub fn test_dir(name: &str) -> PathBuf {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::SeqCst);
+    let dir = std::env::temp_dir().join(format!(
+        "vllm-router-test-{}-{n}-{name}",
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create test dir");
+    dir
+}
+
+/// Polls `cond` until it holds or `timeout` passes; panics with `what` on timeout.
+pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + timeout;
+    while !cond() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for: {what}"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// A child process killed on drop.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Spawns `cmd` and waits for the `listening on ...:PORT` line it prints first.
+fn spawn_listening(mut cmd: Command, what: &str) -> Result<(Proc, SocketAddr), String> {
+    cmd.stdout(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start {what}: {e}"))?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let proc = Proc(child);
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        if let Some(Ok(line)) = lines.next() {
+            let _ = tx.send(line);
+        }
+        // Keep draining so the child never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let line = rx
+        .recv_timeout(Duration::from_secs(20))
+        .map_err(|_| format!("{what} printed no 'listening on' line"))?;
+    let addr = line
+        .rsplit("listening on ")
+        .next()
+        .map(|a| a.trim_start_matches("http://"))
+        .and_then(|a| a.parse().ok())
+        .ok_or_else(|| format!("{what} printed {line:?}, not a listening address"))?;
+    Ok((proc, addr))
+}
+
+/// A running mock vLLM backend.
+pub struct Mock {
+    _proc: Proc,
+    pub addr: SocketAddr,
+    pub url: String,
+}
+
+impl Mock {
+    pub fn start(args: &[&str]) -> Mock {
+        let mut cmd = Command::new(MOCK);
+        cmd.args(["--host", "127.0.0.1", "--port", "0"])
+            .args(args)
+            .stderr(Stdio::null());
+        let (proc, addr) = spawn_listening(cmd, "mock-vllm").expect("mock starts");
+        Mock {
+            _proc: proc,
+            addr,
+            url: format!("http://{addr}"),
+        }
+    }
+
+    pub fn stats(&self) -> serde_json::Value {
+        get_json(self.addr, "/mock/stats")
+    }
+
+    pub fn stat(&self, key: &str) -> u64 {
+        self.stats()[key]
+            .as_u64()
+            .unwrap_or_else(|| panic!("mock stat {key} missing"))
+    }
+
+    /// The last inference request the mock received, as it saw it.
+    pub fn last(&self) -> serde_json::Value {
+        get_json(self.addr, "/mock/last")
+    }
+
+    pub fn set_mode(&self, mode: &str) {
+        let resp = request(
+            self.addr,
+            "POST",
+            "/mock/mode",
+            &[],
+            format!(r#"{{"mode":"{mode}"}}"#).as_bytes(),
+        );
+        assert_eq!(resp.status, 200, "set mode {mode}: {}", resp.text());
+    }
+}
+
+/// A running router, with its config file and logs in its own directory.
+pub struct Router {
+    proc: Proc,
+    pub addr: SocketAddr,
+    pub dir: PathBuf,
+}
+
+impl Router {
+    /// Starts the router on `toml`; panics with its stderr if it does not start.
+    pub fn start(toml: &str) -> Router {
+        Router::start_with(toml, &[], &[]).unwrap_or_else(|e| panic!("router did not start: {e}"))
+    }
+
+    pub fn start_with(toml: &str, args: &[&str], envs: &[(&str, &str)]) -> Result<Router, String> {
+        let dir = test_dir("router");
+        let config = dir.join("servers.toml");
+        std::fs::write(&config, toml).expect("write config");
+        let mut cmd = Command::new(ROUTER);
+        cmd.current_dir(&dir)
+            .env_clear()
+            .env("LOG_DIR", dir.join("logs"))
+            .envs(envs.iter().copied())
+            .args([
+                "run",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--log-level",
+                "debug",
+            ])
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .stderr(Stdio::null());
+        match spawn_listening(cmd, "vllm-router") {
+            Ok((proc, addr)) => Ok(Router { proc, addr, dir }),
+            Err(e) => Err(format!("{e}\n--- log ---\n{}", read_log(&dir))),
+        }
+    }
+
+    pub fn log(&self) -> String {
+        read_log(&self.dir)
+    }
+
+    pub fn get(&self, path: &str) -> Resp {
+        request(self.addr, "GET", path, &[], b"")
+    }
+
+    pub fn get_json(&self, path: &str) -> serde_json::Value {
+        get_json(self.addr, path)
+    }
+
+    pub fn post(&self, path: &str, body: &str) -> Resp {
+        request(
+            self.addr,
+            "POST",
+            path,
+            &[("Content-Type", "application/json")],
+            body.as_bytes(),
+        )
+    }
+
+    /// The router's in-flight count per backend, from /load-stats.
+    pub fn in_flight(&self) -> Vec<u64> {
+        self.get_json("/load-stats")["servers"]
+            .as_array()
+            .expect("servers")
+            .iter()
+            .map(|s| s["in_flight"].as_u64().expect("in_flight"))
+            .collect()
+    }
+
+    /// Panics unless the process is still running.
+    pub fn assert_alive(&mut self) {
+        assert!(
+            matches!(self.proc.0.try_wait(), Ok(None)),
+            "router exited; log:\n{}",
+            self.log()
+        );
+    }
+}
+
+fn read_log(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("logs").join("vllm-router.log")).unwrap_or_default()
+}
+
+/// A servers.toml for these backends (url, max_concurrent_requests) and extra [config]
+/// lines.
+pub fn servers_toml(backends: &[(&str, u32)], config: &str) -> String {
+    let mut s = String::from("[servers]\nservers = [\n");
+    for (url, max) in backends {
+        let _ = writeln!(
+            s,
+            "  {{ url = \"{url}\", max_concurrent_requests = {max} }},"
+        );
+    }
+    s.push_str("]\n\n[config]\n");
+    s.push_str(config);
+    s.push('\n');
+    s
+}
+
+/// A response read off the wire, with the arrival time of each body chunk.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+    /// (arrival, bytes) per HTTP chunk, for chunked replies.
+    pub chunks: Vec<(Instant, Vec<u8>)>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
+    }
+}
+
+/// One request on a new connection (`Connection: close`).
+pub fn request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Resp {
+    let mut conn = Conn::open(addr);
+    conn.send(method, path, headers, body, true);
+    conn.read_response(method == "HEAD").expect("a response")
+}
+
+pub fn get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
+    let resp = request(addr, "GET", path, &[], b"");
+    resp.json()
+}
+
+/// A raw client connection, for keep-alive, streaming and disconnect tests.
+pub struct Conn {
+    pub stream: TcpStream,
+    pub reader: BufReader<TcpStream>,
+}
+
+impl Conn {
+    pub fn open(addr: SocketAddr) -> Conn {
+        let stream = TcpStream::connect(addr).expect("connect");
+        stream.set_nodelay(true).expect("nodelay");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(30)))
+            .expect("timeout");
+        let reader = BufReader::new(stream.try_clone().expect("clone"));
+        Conn { stream, reader }
+    }
+
+    pub fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+        close: bool,
+    ) {
+        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+        for (n, v) in headers {
+            let _ = write!(head, "{n}: {v}\r\n");
+        }
+        if !body.is_empty() || method == "POST" {
+            let _ = write!(head, "Content-Length: {}\r\n", body.len());
+        }
+        if close {
+            head.push_str("Connection: close\r\n");
+        }
+        head.push_str("\r\n");
+        let mut bytes = head.into_bytes();
+        bytes.extend_from_slice(body);
+        self.send_raw(&bytes);
+    }
+
+    pub fn send_raw(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("send request");
+    }
+
+    /// Reads the status line and headers only.
+    pub fn read_head(&mut self) -> Result<(u16, Vec<(String, String)>), String> {
+        let mut line = String::new();
+        self.reader
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        let status = line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| format!("bad status line {line:?}"))?;
+        let mut headers = Vec::new();
+        loop {
+            line.clear();
+            self.reader
+                .read_line(&mut line)
+                .map_err(|e| e.to_string())?;
+            let l = line.trim_end();
+            if l.is_empty() {
+                break;
+            }
+            let (n, v) = l
+                .split_once(':')
+                .ok_or_else(|| format!("bad header {l:?}"))?;
+            headers.push((n.trim().to_owned(), v.trim().to_owned()));
+        }
+        Ok((status, headers))
+    }
+
+    /// Reads one chunk of a chunked body: `Ok(None)` at the terminating chunk.
+    pub fn read_chunk(&mut self) -> Result<Option<Vec<u8>>, String> {
+        let mut line = String::new();
+        self.reader
+            .read_line(&mut line)
+            .map_err(|e| e.to_string())?;
+        let size = usize::from_str_radix(line.trim_end(), 16)
+            .map_err(|_| format!("bad chunk header {line:?}"))?;
+        let mut data = vec![0; size + 2];
+        self.reader
+            .read_exact(&mut data)
+            .map_err(|e| e.to_string())?;
+        if !data.ends_with(b"\r\n") {
+            return Err("chunk not followed by CRLF".into());
+        }
+        data.truncate(size);
+        Ok(if size == 0 { None } else { Some(data) })
+    }
+
+    /// Reads a whole response, framed as its head says.
+    pub fn read_response(&mut self, head_request: bool) -> Result<Resp, String> {
+        let (status, headers) = self.read_head()?;
+        let mut resp = Resp {
+            status,
+            headers,
+            body: Vec::new(),
+            chunks: Vec::new(),
+        };
+        if head_request || status == 204 || status == 304 {
+            return Ok(resp);
+        }
+        if resp
+            .header("transfer-encoding")
+            .is_some_and(|te| te.eq_ignore_ascii_case("chunked"))
+        {
+            while let Some(chunk) = self.read_chunk()? {
+                resp.body.extend_from_slice(&chunk);
+                resp.chunks.push((Instant::now(), chunk));
+            }
+        } else if let Some(len) = resp.header("content-length") {
+            let len: usize = len.parse().map_err(|_| "bad content-length")?;
+            resp.body.resize(len, 0);
+            self.reader
+                .read_exact(&mut resp.body)
+                .map_err(|e| e.to_string())?;
+        } else {
+            self.reader
+                .read_to_end(&mut resp.body)
+                .map_err(|e| e.to_string())?;
+        }
+        Ok(resp)
+    }
+}

@@ -1,0 +1,13 @@
+//! The integration suite: one binary, every test against the real `vllm-router` and
+//! `mock-vllm` processes on 127.0.0.1.
+
+mod support;
+
+/// Admission: the per-backend cap, even spread, the FIFO queue and its limits.
+mod admission;
+/// The command line and the config file: check-config, errors, precedence.
+mod cli;
+/// Relaying: method, path, query, headers, bodies and backend errors, unchanged.
+mod proxy;
+/// Streaming: events arrive one by one; disconnects reach the backend and free slots.
+mod streaming;
