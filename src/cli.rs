@@ -108,6 +108,9 @@ pub fn resolve(
         .or_else(|| env("HOST"))
         .or_else(|| file.host.clone())
         .unwrap_or_else(|| DEFAULT_HOST.to_owned());
+    if !config::valid_host(&host) {
+        return Err(format!("host {host:?} is not an IP address or hostname"));
+    }
     let port = match (args.port, env("PORT")) {
         (Some(p), _) => p,
         (None, Some(p)) => p
@@ -199,6 +202,7 @@ mod tests {
         assert!(resolve(&none, &env_of(&[("PORT", "http")]), &file).is_err());
         assert!(resolve(&none, &env_of(&[("LOG_LEVEL", "loud")]), &file).is_err());
         assert!(resolve(&none, &env_of(&[("LOG_TO_CONSOLE", "maybe")]), &file).is_err());
+        assert!(resolve(&none, &env_of(&[("HOST", "bad host")]), &file).is_err());
         let r = resolve(
             &none,
             &env_of(&[("LOG_LEVEL", "debug"), ("LOG_TO_CONSOLE", "TRUE")]),

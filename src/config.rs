@@ -592,7 +592,7 @@ fn normalise_url(url: &str) -> Result<String, String> {
 }
 
 /// An IP address or an RFC 1123 hostname (underscores allowed: Docker service names use them).
-fn valid_host(host: &str) -> bool {
+pub fn valid_host(host: &str) -> bool {
     if host.parse::<IpAddr>().is_ok() {
         return true;
     }
@@ -714,63 +714,9 @@ fn quote(s: &str) -> String {
 mod tests {
     use super::*;
 
-    const BASIC: &str = r#"[servers]
-servers = [
-    # development environment
-    { url = "http://localhost:8081", max_concurrent_requests = 2 },
-    { url = "http://localhost:8082", max_concurrent_requests = 2 },
-]
+    const BASIC: &str = include_str!("../tests/fixtures/guide-basic.toml");
 
-[config]
-# health check settings
-health_check_interval = 10
-health_check_timeout = 5
-health_check_min_success_rate = 0.8
-health_check_max_response_time = 3.0
-
-# configuration management
-config_reload_interval = 30
-enable_active_health_check = true
-
-# request handling
-request_timeout = 120
-max_retries = 3
-retry_delay = 0.1
-"#;
-
-    const PRODUCTION: &str = r#"[servers]
-servers = [
-    # high-performance GPU servers
-    { url = "http://gpu-server-1:8081", max_concurrent_requests = 8 },
-    { url = "http://gpu-server-2:8081", max_concurrent_requests = 8 },
-
-    # mid-performance GPU servers
-    { url = "http://gpu-server-3:8081", max_concurrent_requests = 4 },
-    { url = "http://gpu-server-4:8081", max_concurrent_requests = 4 },
-
-    # backup servers (lower priority)
-    { url = "http://backup-server-1:8081", max_concurrent_requests = 2 },
-]
-
-[config]
-# production health checks (stricter)
-health_check_interval = 5
-health_check_timeout = 3
-health_check_min_success_rate = 0.95
-health_check_max_response_time = 2.0
-health_check_consecutive_failures = 2
-
-# configuration management
-config_reload_interval = 60
-enable_active_health_check = true
-failure_threshold = 2
-auto_recovery_threshold = 120
-
-# request handling (tuned for production)
-request_timeout = 180
-max_retries = 5
-retry_delay = 0.5
-"#;
+    const PRODUCTION: &str = include_str!("../tests/fixtures/guide-production.toml");
 
     /// Line 1-2 hold one valid server, so `[config]` is line 3 and its first key line 4.
     const ONE_SERVER: &str =

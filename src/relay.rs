@@ -29,6 +29,10 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The size of one read from the backend, and so the largest chunk sent to the client.
 const READ_BUF: usize = 16 * 1024;
 
+/// The largest reply read whole for an HTTP/1.0 keep-alive client, which needs a
+/// Content-Length before the body.
+const MAX_BUFFERED: u64 = 64 * 1024 * 1024;
+
 /// How a proxied request ended, for the log line.
 struct Outcome {
     status: u16,
@@ -93,7 +97,7 @@ pub fn handle(mut request: Request, shared: &Arc<Shared>) {
         Ok(response) => response,
         Err(err) => return reject(request, &method, &target, &err),
     };
-    let outcome = relay_response(request, response);
+    let outcome = relay_response(request, response, slot.backend_url());
     log::debug!(
         "{method} {target} -> {} queued={:?} took={:?} {outcome}",
         slot.backend_url(),
@@ -194,7 +198,11 @@ fn backend_error(backend: &str, err: ureq::Error) -> RouterError {
 
 /// Relays the backend's response: its status and headers as they are, then the body,
 /// each backend read flushed to the client as one chunk.
-fn relay_response(request: Request, response: http::Response<ureq::Body>) -> Outcome {
+fn relay_response(
+    request: Request,
+    response: http::Response<ureq::Body>,
+    backend: &str,
+) -> Outcome {
     let conn = ClientConn::of(&request);
     let status = response.status().as_u16();
     let backend_headers: Vec<(String, String)> = response
@@ -233,7 +241,7 @@ fn relay_response(request: Request, response: http::Response<ureq::Body>) -> Out
     }
 
     let Some(framing) = conn.streaming_framing() else {
-        return relay_buffered(request, status, &out_headers, &mut reader);
+        return relay_buffered(request, status, &out_headers, &mut reader, backend);
     };
     let mut writer = BodyWriter::start(request, conn, status, &out_headers, framing);
     let mut buf = vec![0u8; READ_BUF];
@@ -278,24 +286,33 @@ fn relay_response(request: Request, response: http::Response<ureq::Body>) -> Out
 }
 
 /// HTTP/1.0 keep-alive clients need a Content-Length, so their reply is read whole
-/// first. Everyone else gets the body as it arrives.
+/// first (up to `MAX_BUFFERED`). Everyone else gets the body as it arrives.
 fn relay_buffered(
     request: Request,
     status: u16,
     headers: &[(String, String)],
     reader: &mut impl Read,
+    backend: &str,
 ) -> Outcome {
     let mut body = Vec::new();
-    if let Err(e) = reader.read_to_end(&mut body) {
+    let read = reader.take(MAX_BUFFERED + 1).read_to_end(&mut body);
+    let failure = match read {
+        Ok(n) if n as u64 > MAX_BUFFERED => Some(format!(
+            "reply larger than {MAX_BUFFERED} bytes for an HTTP/1.0 client"
+        )),
+        Ok(_) => None,
+        Err(e) => Some(format!("reply broke off: {e}")),
+    };
+    if let Some(reason) = failure {
         let err = RouterError::BadGateway {
-            backend: "backend".to_owned(),
-            reason: format!("reply broke off: {e}"),
+            backend: backend.to_owned(),
+            reason: reason.clone(),
         };
         let _ = wire::send_error(request, &err);
         return Outcome {
             status,
             bytes_out: 0,
-            end: End::BackendBroke(e.to_string()),
+            end: End::BackendBroke(reason),
         };
     }
     match wire::send_full(request, status, headers, &body) {

@@ -28,6 +28,21 @@ fn slow_request(router: &Router, ms: u32) -> crate::support::Resp {
     )
 }
 
+/// Sends `slow_request` on another thread; the handle yields its status.
+fn in_background(router: &Arc<Router>, ms: u32) -> thread::JoinHandle<u16> {
+    let router = Arc::clone(router);
+    thread::spawn(move || slow_request(&router, ms).status)
+}
+
+/// Takes the single slot of a one-backend, one-slot router for about `ms` milliseconds.
+fn hold_the_only_slot(router: &Arc<Router>, ms: u32) -> thread::JoinHandle<u16> {
+    let holder = in_background(router, ms);
+    wait_until(Duration::from_secs(5), "the slot is taken", || {
+        router.in_flight() == [1]
+    });
+    holder
+}
+
 #[test]
 fn the_cap_is_never_exceeded_under_concurrency() {
     let a = Mock::start(&[]);
@@ -37,12 +52,7 @@ fn the_cap_is_never_exceeded_under_concurrency() {
         "queue_timeout = 60",
     ));
     let router = Arc::new(router);
-    let handles: Vec<_> = (0..25)
-        .map(|_| {
-            let router = Arc::clone(&router);
-            thread::spawn(move || slow_request(&router, 120).status)
-        })
-        .collect();
+    let handles: Vec<_> = (0..25).map(|_| in_background(&router, 120)).collect();
     for h in handles {
         assert_eq!(h.join().expect("client thread"), 200);
     }
@@ -79,13 +89,7 @@ fn waiting_requests_are_served_first_come_first_served() {
         &[(&mock.url, 1)],
         "queue_timeout = 60",
     )));
-    let holder = {
-        let router = Arc::clone(&router);
-        thread::spawn(move || slow_request(&router, 400).status)
-    };
-    wait_until(Duration::from_secs(5), "the slot is taken", || {
-        router.in_flight() == [1]
-    });
+    let holder = hold_the_only_slot(&router, 400);
     let order = Arc::new(Mutex::new(Vec::new()));
     let mut waiters = Vec::new();
     for i in 0..4 {
@@ -115,13 +119,7 @@ fn a_request_that_waits_too_long_gets_503_with_retry_after() {
         &[(&mock.url, 1)],
         "queue_timeout = 0.3",
     )));
-    let holder = {
-        let router = Arc::clone(&router);
-        thread::spawn(move || slow_request(&router, 1500).status)
-    };
-    wait_until(Duration::from_secs(5), "the slot is taken", || {
-        router.in_flight() == [1]
-    });
+    let holder = hold_the_only_slot(&router, 1500);
     let started = Instant::now();
     let resp = router.post(CHAT, &chat(1, 0));
     let waited = started.elapsed();
@@ -157,17 +155,8 @@ fn a_full_queue_answers_503_at_once() {
         &[(&mock.url, 1)],
         "queue_timeout = 30\nmax_queue_size = 1",
     )));
-    let holder = {
-        let router = Arc::clone(&router);
-        thread::spawn(move || slow_request(&router, 1000).status)
-    };
-    wait_until(Duration::from_secs(5), "the slot is taken", || {
-        router.in_flight() == [1]
-    });
-    let queued = {
-        let router = Arc::clone(&router);
-        thread::spawn(move || slow_request(&router, 40).status)
-    };
+    let holder = hold_the_only_slot(&router, 1000);
+    let queued = in_background(&router, 40);
     wait_until(Duration::from_secs(5), "one request queued", || {
         router.get_json("/load-stats")["summary"]["queue_length"] == 1
     });
