@@ -12,6 +12,13 @@
 //! slot it could use is free. That is why a new request may take a free slot directly:
 //! nobody in the queue can use it.
 //!
+//! Each backend's routable state lives here too, because admission reads it under the
+//! same lock: `healthy` and its `reason` (written by the health thread and by passive
+//! health in `relay`, only through `record_check`, `request_failed` and
+//! `request_succeeded`) and the model list (written by the health thread). A request
+//! names what it wants (`Want`: a model, and backends already tried) and only matching
+//! healthy backends are considered, in the queue as well.
+//!
 //! In-flight counts change only here, in `Table::acquire`, `dispatch` and
 //! `Table::release` (called by `Slot::drop`). A `Slot` is released exactly once, on
 //! every path a request can take: success, error, client gone, or a panic unwinding
@@ -53,13 +60,42 @@ struct Entry {
     max_concurrent: u32,
     in_flight: u32,
     healthy: bool,
+    /// Why the backend is not healthy; `None` while healthy.
+    reason: Option<String>,
+    /// Consecutive failed requests (passive health).
+    request_failures: u32,
+    /// Set when request failures marked it down: no check may bring it back before.
+    down_by_requests_until: Option<Instant>,
+    /// Model ids from its `/v1/models`; `None` until first learned (serves any model).
+    models: Option<Arc<Vec<serde_json::Value>>>,
+    checks: CheckStats,
     /// Removed by a reload: takes no new requests, forgotten once its last slot is back.
     removed: bool,
     admitted_total: u64,
 }
 
+/// The health thread's latest figures for one backend, for the status endpoints.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CheckStats {
+    pub consecutive_failures: u32,
+    /// Share of good checks in the sliding window; `None` before the first check.
+    pub success_rate: Option<f64>,
+    pub last_check: Option<std::time::SystemTime>,
+    pub last_latency: Option<Duration>,
+}
+
+/// What a request asks of a backend.
+#[derive(Debug, Clone, Default)]
+pub struct Want {
+    /// The `model` its body names, if any.
+    pub model: Option<String>,
+    /// Backends already tried for this request (retries go elsewhere).
+    pub exclude: Vec<BackendId>,
+}
+
 struct Waiter {
     ticket: u64,
+    want: Want,
     wake: Arc<Wake>,
 }
 
@@ -73,8 +109,10 @@ struct Wake {
 /// Why a request could not be admitted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
-    /// No healthy backend exists at all, so waiting would not help.
+    /// No healthy backend exists that could serve the request, so waiting would not help.
     NoBackend,
+    /// No backend, healthy or not, lists the requested model.
+    UnknownModel(String),
     /// Every slot is taken and `max_queue_size` requests already wait.
     QueueFull { queue_len: usize },
     /// Waited `queue_timeout` without a slot coming free.
@@ -123,13 +161,18 @@ impl std::fmt::Debug for Slot {
 }
 
 /// A point-in-time copy of one backend's entry, for the status endpoints.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct BackendView {
     pub id: BackendId,
     pub url: String,
     pub max_concurrent: u32,
     pub in_flight: u32,
     pub healthy: bool,
+    pub reason: Option<String>,
+    pub request_failures: u32,
+    pub down_by_requests_until: Option<Instant>,
+    pub models: Vec<String>,
+    pub checks: CheckStats,
     pub admitted_total: u64,
 }
 
@@ -141,8 +184,10 @@ pub struct TableView {
 }
 
 impl Table {
-    /// Builds the table from the configured servers; all start healthy.
-    pub fn new(servers: &[ServerConfig]) -> Arc<Table> {
+    /// Builds the table from the configured servers. With active health checks on,
+    /// a backend takes traffic only after its first good check; otherwise it is
+    /// trusted until passive health says otherwise.
+    pub fn new(servers: &[ServerConfig], trusted: bool) -> Arc<Table> {
         let mut inner = Inner {
             entries: Vec::with_capacity(servers.len()),
             queue: VecDeque::new(),
@@ -159,7 +204,12 @@ impl Table {
                 url: Arc::from(server.url.as_str()),
                 max_concurrent: server.max_concurrent_requests,
                 in_flight: 0,
-                healthy: true,
+                healthy: trusted,
+                reason: (!trusted).then(|| "not checked yet".to_owned()),
+                request_failures: 0,
+                down_by_requests_until: None,
+                models: None,
+                checks: CheckStats::default(),
                 removed: false,
                 admitted_total: 0,
             });
@@ -169,18 +219,27 @@ impl Table {
         })
     }
 
-    /// Takes a slot on the least-loaded healthy backend, waiting in line up to
-    /// `limits.queue_timeout` when every slot is taken.
-    pub fn acquire(self: &Arc<Self>, limits: Limits) -> Result<Slot, Rejection> {
+    /// Takes a slot on the least-loaded healthy backend that serves `want`, waiting in
+    /// line up to `limits.queue_timeout` when every such slot is taken.
+    pub fn acquire(self: &Arc<Self>, want: Want, limits: Limits) -> Result<Slot, Rejection> {
         let start = Instant::now();
         let mut inner = self.inner.lock();
         if inner.closed {
             return Err(Rejection::Closed);
         }
-        if !inner.entries.iter().any(Entry::usable) {
+        if !inner.entries.iter().any(|e| e.usable(&want)) {
+            if let Some(model) = &want.model {
+                if !inner
+                    .entries
+                    .iter()
+                    .any(|e| !e.removed && e.may_serve(model))
+                {
+                    return Err(Rejection::UnknownModel(model.clone()));
+                }
+            }
             return Err(Rejection::NoBackend);
         }
-        if let Some(idx) = inner.pick() {
+        if let Some(idx) = inner.pick(&want) {
             return Ok(self.take(&mut inner, idx, Duration::ZERO));
         }
         if inner.queue.len() >= limits.max_queue_size || limits.queue_timeout.is_zero() {
@@ -197,6 +256,7 @@ impl Table {
         });
         inner.queue.push_back(Waiter {
             ticket,
+            want,
             wake: Arc::clone(&wake),
         });
         let deadline = start + limits.queue_timeout;
@@ -263,6 +323,11 @@ impl Table {
                     max_concurrent: e.max_concurrent,
                     in_flight: e.in_flight,
                     healthy: e.healthy,
+                    reason: e.reason.clone(),
+                    request_failures: e.request_failures,
+                    down_by_requests_until: e.down_by_requests_until,
+                    models: e.model_ids(),
+                    checks: e.checks.clone(),
                     admitted_total: e.admitted_total,
                 })
                 .collect(),
@@ -273,7 +338,101 @@ impl Table {
     /// Whether any backend could take a request now or later (used by /readyz).
     pub fn has_usable_backend(&self) -> bool {
         let inner = self.inner.lock();
-        !inner.closed && inner.entries.iter().any(Entry::usable)
+        !inner.closed && inner.entries.iter().any(|e| e.usable(&Want::default()))
+    }
+
+    /// Whether some healthy backend could serve `want` (room or not).
+    pub fn can_serve(&self, want: &Want) -> bool {
+        self.inner.lock().entries.iter().any(|e| e.usable(want))
+    }
+
+    /// The model objects of every healthy backend, each id once, in backend order.
+    pub fn models(&self) -> Vec<serde_json::Value> {
+        let inner = self.inner.lock();
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for e in inner.entries.iter().filter(|e| e.healthy && !e.removed) {
+            for m in e.models.iter().flat_map(|m| m.iter()) {
+                if let Some(id) = m.get("id").and_then(|id| id.as_str()) {
+                    if seen.insert(id.to_owned()) {
+                        out.push(m.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Records a health check's figures and, with `change`, marks the backend healthy
+    /// or not (health thread). Returns whether its health changed.
+    pub fn record_check(
+        &self,
+        id: BackendId,
+        stats: CheckStats,
+        change: Option<(bool, Option<String>)>,
+    ) -> bool {
+        let mut inner = self.inner.lock();
+        let Some(e) = inner.entry_mut(id) else {
+            return false;
+        };
+        e.checks = stats;
+        let Some((healthy, reason)) = change else {
+            return false;
+        };
+        let changed = e.healthy != healthy;
+        e.healthy = healthy;
+        e.reason = if healthy { None } else { reason };
+        if healthy {
+            e.request_failures = 0;
+            e.down_by_requests_until = None;
+        }
+        if changed && healthy {
+            inner.dispatch();
+        }
+        changed
+    }
+
+    /// Records the model objects a backend's `/v1/models` listed.
+    pub fn set_models(&self, id: BackendId, models: Vec<serde_json::Value>) {
+        let mut inner = self.inner.lock();
+        if let Some(e) = inner.entry_mut(id) {
+            e.models = Some(Arc::new(models));
+        }
+        inner.dispatch();
+    }
+
+    /// Passive health: a request to this backend failed. After `threshold` failures in
+    /// a row it is marked down at once, and stays down at least `recovery_after`.
+    /// Returns true when this failure marked it down.
+    pub fn request_failed(
+        &self,
+        id: BackendId,
+        why: &str,
+        threshold: u32,
+        recovery_after: Duration,
+    ) -> bool {
+        let mut inner = self.inner.lock();
+        let Some(e) = inner.entry_mut(id) else {
+            return false;
+        };
+        e.request_failures = e.request_failures.saturating_add(1);
+        if e.healthy && e.request_failures >= threshold {
+            e.healthy = false;
+            e.reason = Some(format!(
+                "{} consecutive request failures, last: {why}",
+                e.request_failures
+            ));
+            e.down_by_requests_until = Some(Instant::now() + recovery_after);
+            return true;
+        }
+        false
+    }
+
+    /// Passive health: a request to this backend succeeded.
+    pub fn request_succeeded(&self, id: BackendId) {
+        if let Some(e) = self.inner.lock().entry_mut(id) {
+            e.request_failures = 0;
+        }
     }
 
     fn take(
@@ -295,19 +454,41 @@ impl Table {
 }
 
 impl Entry {
-    fn usable(&self) -> bool {
-        self.healthy && !self.removed
+    /// Whether this backend could serve `want` at all (room or not).
+    fn usable(&self, want: &Want) -> bool {
+        self.healthy
+            && !self.removed
+            && !want.exclude.contains(&self.id)
+            && want.model.as_deref().is_none_or(|m| self.may_serve(m))
     }
 
-    fn has_room(&self) -> bool {
-        self.usable() && self.in_flight < self.max_concurrent
+    fn has_room(&self, want: &Want) -> bool {
+        self.usable(want) && self.in_flight < self.max_concurrent
+    }
+
+    /// A backend whose models are not known yet may serve any model.
+    fn may_serve(&self, model: &str) -> bool {
+        match &self.models {
+            None => true,
+            Some(list) => list
+                .iter()
+                .any(|m| m.get("id").and_then(|id| id.as_str()) == Some(model)),
+        }
+    }
+
+    fn model_ids(&self) -> Vec<String> {
+        self.models
+            .iter()
+            .flat_map(|m| m.iter())
+            .filter_map(|m| m.get("id").and_then(|id| id.as_str()).map(str::to_owned))
+            .collect()
     }
 }
 
 impl Inner {
     /// The least-loaded backend with room (by in_flight / max_concurrent); among equals
     /// the first one at or after `rotation`.
-    fn pick(&mut self) -> Option<usize> {
+    fn pick(&mut self, want: &Want) -> Option<usize> {
         let n = self.entries.len();
         if n == 0 {
             return None;
@@ -317,7 +498,7 @@ impl Inner {
         for k in 0..n {
             let idx = (start + k) % n;
             let e = &self.entries[idx];
-            if !e.has_room() {
+            if !e.has_room(want) {
                 continue;
             }
             let better = match best {
@@ -339,19 +520,37 @@ impl Inner {
         best
     }
 
-    /// Hands free slots to waiters in queue order; see the module invariant.
+    /// Hands free slots to waiters in queue order; see the module invariant. A waiter
+    /// whose backends are all full does not hold up a later one that wants another
+    /// model.
     fn dispatch(&mut self) {
-        while !self.queue.is_empty() {
-            let Some(idx) = self.pick() else { return };
+        let mut i = 0;
+        while i < self.queue.len() {
+            if !self
+                .entries
+                .iter()
+                .any(|e| e.healthy && !e.removed && e.in_flight < e.max_concurrent)
+            {
+                return;
+            }
+            let want = self.queue[i].want.clone();
+            let Some(idx) = self.pick(&want) else {
+                i += 1;
+                continue;
+            };
             let entry = &mut self.entries[idx];
             entry.in_flight += 1;
             entry.admitted_total += 1;
             let id = entry.id;
-            if let Some(waiter) = self.queue.pop_front() {
+            if let Some(waiter) = self.queue.remove(i) {
                 waiter.wake.granted.store(id, Ordering::Relaxed);
                 waiter.wake.cv.notify_one();
             }
         }
+    }
+
+    fn entry_mut(&mut self, id: BackendId) -> Option<&mut Entry> {
+        self.entries.iter_mut().find(|e| e.id == id)
     }
 
     fn url_of(&self, id: BackendId) -> Arc<str> {
@@ -378,7 +577,7 @@ mod tests {
                 max_concurrent_requests: c,
             })
             .collect();
-        Table::new(&servers)
+        Table::new(&servers, true)
     }
 
     fn limits(queue: usize, ms: u64) -> Limits {
@@ -397,7 +596,7 @@ mod tests {
         let t = table(&[2, 2, 4]);
         let picks: Vec<String> = (0..4)
             .map(|_| {
-                let s = t.acquire(limits(0, 0)).expect("slot");
+                let s = t.acquire(Want::default(), limits(0, 0)).expect("slot");
                 let url = s.backend_url().to_string();
                 std::mem::forget(s);
                 url
@@ -413,7 +612,7 @@ mod tests {
         let t = table(&[1, 1, 1]);
         let mut counts = [0; 3];
         for _ in 0..30 {
-            let s = t.acquire(limits(0, 0)).expect("slot");
+            let s = t.acquire(Want::default(), limits(0, 0)).expect("slot");
             let i = (s.backend_url().as_bytes()[8] - b'0') as usize;
             counts[i] += 1;
         }
@@ -423,9 +622,9 @@ mod tests {
     #[test]
     fn cap_is_never_exceeded_and_queue_full_rejects() {
         let t = table(&[1]);
-        let held = t.acquire(limits(0, 0)).expect("slot");
+        let held = t.acquire(Want::default(), limits(0, 0)).expect("slot");
         assert_eq!(
-            t.acquire(limits(0, 1000)).unwrap_err(),
+            t.acquire(Want::default(), limits(0, 1000)).unwrap_err(),
             Rejection::QueueFull { queue_len: 0 }
         );
         drop(held);
@@ -435,8 +634,8 @@ mod tests {
     #[test]
     fn queue_times_out_and_leaves_the_line() {
         let t = table(&[1]);
-        let _held = t.acquire(limits(0, 0)).expect("slot");
-        let err = t.acquire(limits(4, 50)).unwrap_err();
+        let _held = t.acquire(Want::default(), limits(0, 0)).expect("slot");
+        let err = t.acquire(Want::default(), limits(4, 50)).unwrap_err();
         assert!(
             matches!(err, Rejection::QueueTimeout { waited } if waited >= Duration::from_millis(50))
         );
@@ -446,13 +645,15 @@ mod tests {
     #[test]
     fn waiters_are_served_first_come_first_served() {
         let t = table(&[1]);
-        let held = t.acquire(limits(0, 0)).expect("slot");
+        let held = t.acquire(Want::default(), limits(0, 0)).expect("slot");
         let order = Arc::new(Mutex::new(Vec::new()));
         let mut handles = Vec::new();
         for i in 0..5 {
             let (t2, order) = (Arc::clone(&t), Arc::clone(&order));
             handles.push(thread::spawn(move || {
-                let slot = t2.acquire(limits(10, 10_000)).expect("slot");
+                let slot = t2
+                    .acquire(Want::default(), limits(10, 10_000))
+                    .expect("slot");
                 order.lock().push(i);
                 drop(slot);
             }));
@@ -472,15 +673,18 @@ mod tests {
     #[test]
     fn close_wakes_waiters_and_refuses_new_requests() {
         let t = table(&[1]);
-        let _held = t.acquire(limits(0, 0)).expect("slot");
+        let _held = t.acquire(Want::default(), limits(0, 0)).expect("slot");
         let t2 = Arc::clone(&t);
-        let waiter = thread::spawn(move || t2.acquire(limits(4, 60_000)));
+        let waiter = thread::spawn(move || t2.acquire(Want::default(), limits(4, 60_000)));
         while t.view().queue_len == 0 {
             thread::yield_now();
         }
         t.close();
         assert_eq!(waiter.join().expect("join").unwrap_err(), Rejection::Closed);
-        assert_eq!(t.acquire(limits(4, 10)).unwrap_err(), Rejection::Closed);
+        assert_eq!(
+            t.acquire(Want::default(), limits(4, 10)).unwrap_err(),
+            Rejection::Closed
+        );
     }
 
     #[test]
@@ -492,7 +696,9 @@ mod tests {
                 let (t, peak) = (Arc::clone(&t), Arc::clone(&peak));
                 thread::spawn(move || {
                     for _ in 0..200 {
-                        let slot = t.acquire(limits(100, 10_000)).expect("slot");
+                        let slot = t
+                            .acquire(Want::default(), limits(100, 10_000))
+                            .expect("slot");
                         let v = t.view();
                         for b in &v.backends {
                             assert!(b.in_flight <= b.max_concurrent, "{b:?}");

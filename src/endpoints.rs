@@ -23,6 +23,7 @@ pub fn try_handle(request: Request, shared: &Arc<Shared>) -> Option<Request> {
         "/livez" => |_| (200, json!({ "status": "alive" })),
         "/readyz" => readyz,
         "/load-stats" => load_stats,
+        "/v1/models" => models,
         _ => return Some(request),
     };
     let result = if matches!(request.method(), Method::Get | Method::Head) {
@@ -42,15 +43,36 @@ pub fn try_handle(request: Request, shared: &Arc<Shared>) -> Option<Request> {
 
 fn server_json(b: &BackendView) -> serde_json::Value {
     let available = b.max_concurrent.saturating_sub(b.in_flight);
+    let unix = |t: std::time::SystemTime| {
+        t.duration_since(std::time::UNIX_EPOCH)
+            .ok()
+            .map(|d| d.as_secs_f64())
+    };
     json!({
         "url": b.url,
         "healthy": b.healthy,
+        "reason": b.reason,
         "in_flight": b.in_flight,
         "max_concurrent_requests": b.max_concurrent,
         "available": available,
         "utilization_percent": percent(b.in_flight, b.max_concurrent),
         "requests_total": b.admitted_total,
+        "consecutive_failures": b.checks.consecutive_failures,
+        "request_failures": b.request_failures,
+        "success_rate": b.checks.success_rate,
+        "last_check_unix": b.checks.last_check.and_then(unix),
+        "last_check_latency_ms": b.checks.last_latency.map(|d| d.as_secs_f64() * 1000.0),
+        "models": b.models,
     })
+}
+
+/// The models of every healthy backend, each once, as an OpenAI list: answered from
+/// what the health thread learned, without a round of backend calls per request.
+fn models(shared: &Shared) -> (u16, serde_json::Value) {
+    (
+        200,
+        json!({ "object": "list", "data": shared.table.models() }),
+    )
 }
 
 fn percent(part: u32, whole: u32) -> f64 {

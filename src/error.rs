@@ -19,8 +19,10 @@ pub enum RouterError {
     QueueFull { queue_len: usize },
     /// The request waited `queue_timeout` for a slot.
     QueueTimeout { waited: Duration },
-    /// No healthy backend exists.
+    /// No healthy backend exists that serves the request.
     NoBackend,
+    /// No backend serves the model the request names.
+    UnknownModel(String),
     /// The router is shutting down and takes no new requests.
     ShuttingDown,
     /// The request body is larger than `max_body_bytes`.
@@ -45,6 +47,7 @@ impl RouterError {
             | RouterError::NoBackend
             | RouterError::ShuttingDown => 503,
             RouterError::BodyTooLarge { .. } => 413,
+            RouterError::UnknownModel(_) => 404,
             RouterError::BadRequest(_) => 400,
             RouterError::MethodNotAllowed { .. } => 405,
             RouterError::BadGateway { .. } => 502,
@@ -61,6 +64,7 @@ impl RouterError {
             | RouterError::NoBackend
             | RouterError::ShuttingDown => "server_overloaded",
             RouterError::BodyTooLarge { .. }
+            | RouterError::UnknownModel(_)
             | RouterError::BadRequest(_)
             | RouterError::MethodNotAllowed { .. } => "invalid_request_error",
             RouterError::BadGateway { .. } | RouterError::GatewayTimeout { .. } => "upstream_error",
@@ -74,6 +78,7 @@ impl RouterError {
             RouterError::QueueFull { .. } => "queue_full",
             RouterError::QueueTimeout { .. } => "queue_timeout",
             RouterError::NoBackend => "no_healthy_backend",
+            RouterError::UnknownModel(_) => "model_not_found",
             RouterError::ShuttingDown => "shutting_down",
             RouterError::BodyTooLarge { .. } => "request_too_large",
             RouterError::BadRequest(_) => "bad_request",
@@ -122,6 +127,10 @@ impl fmt::Display for RouterError {
                 waited.as_secs_f64()
             ),
             RouterError::NoBackend => write!(f, "no healthy backend is available; retry later"),
+            RouterError::UnknownModel(model) => write!(
+                f,
+                "the model {model:?} is not served by any backend; GET /v1/models lists the models available"
+            ),
             RouterError::ShuttingDown => write!(f, "the router is shutting down; retry on another instance"),
             RouterError::BodyTooLarge { limit } => {
                 write!(f, "request body is larger than the limit of {limit} bytes")
@@ -147,6 +156,7 @@ impl From<Rejection> for RouterError {
     fn from(r: Rejection) -> Self {
         match r {
             Rejection::NoBackend => RouterError::NoBackend,
+            Rejection::UnknownModel(model) => RouterError::UnknownModel(model),
             Rejection::QueueFull { queue_len } => RouterError::QueueFull { queue_len },
             Rejection::QueueTimeout { waited } => RouterError::QueueTimeout { waited },
             Rejection::Closed => RouterError::ShuttingDown,
@@ -184,6 +194,12 @@ mod tests {
             Some(1),
         );
         check(RouterError::NoBackend, 503, "no_healthy_backend", Some(1));
+        check(
+            RouterError::UnknownModel("m".into()),
+            404,
+            "model_not_found",
+            None,
+        );
         check(RouterError::ShuttingDown, 503, "shutting_down", Some(1));
         check(
             RouterError::BodyTooLarge { limit: 10 },

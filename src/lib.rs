@@ -8,6 +8,7 @@ pub mod config;
 pub mod endpoints;
 pub mod error;
 pub mod headers;
+pub mod health;
 pub mod logging;
 pub mod relay;
 pub mod server;

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use argh::FromArgs;
 
 use vllm_router::cli::{self, CheckConfigArgs, Cli, Command, RunArgs};
-use vllm_router::{config, logging, server, shared::Shared};
+use vllm_router::{config, health, logging, server, shared::Shared};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -80,6 +80,10 @@ fn run(args: RunArgs, env: &dyn Fn(&str) -> Option<String>) -> ExitCode {
     let workers = server::worker_count(&config);
     let n_servers = config.servers.len();
     let shared = Shared::new(config);
+    if let Err(e) = health::spawn(std::sync::Arc::clone(&shared)) {
+        eprintln!("vllm-router: cannot start the health thread: {e}");
+        return ExitCode::from(1);
+    }
     let running = match server::start(shared, &settings.host, settings.port, workers) {
         Ok(running) => running,
         Err(e) => {

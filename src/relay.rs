@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use tiny_http::Request;
 use ureq::http;
 
-use crate::admission::{Limits, Slot};
+use crate::admission::{Limits, Slot, Want};
 use crate::config::Config;
 use crate::error::RouterError;
 use crate::headers;
@@ -81,30 +81,193 @@ pub fn handle(mut request: Request, shared: &Arc<Shared>) {
         ));
         return reject(request, &method, &target, &err);
     }
-    let slot = match admit(shared, &config) {
-        Ok(slot) => slot,
+    let model = match requested_model(&body) {
+        Ok(model) => model,
         Err(err) => return reject(request, &method, &target, &err),
     };
-    let response = match send_request(
+    let exchange = Exchange {
         shared,
-        &config,
-        &slot,
-        &method,
-        &target,
-        &client_headers,
-        body,
-    ) {
-        Ok(response) => response,
+        config: &config,
+        method: &method,
+        target: &target,
+        headers: &client_headers,
+        body: &body,
+    };
+    let (slot, response, retries) = match exchange.forward(Want {
+        model,
+        exclude: Vec::new(),
+    }) {
+        Ok(sent) => sent,
         Err(err) => return reject(request, &method, &target, &err),
     };
     let outcome = relay_response(request, response, slot.backend_url());
+    if let End::BackendBroke(why) = &outcome.end {
+        exchange.record_failure(&slot, why);
+    }
     log::debug!(
-        "{method} {target} -> {} queued={:?} took={:?} {outcome}",
+        "{method} {target} -> {} retries={retries} queued={:?} took={:?} {outcome}",
         slot.backend_url(),
         slot.queued_for,
         started.elapsed()
     );
     drop(slot);
+}
+
+/// The `model` a request's JSON body names. A body that is not a JSON object names
+/// none and goes to any backend; a `model` that is not a string is refused, since the
+/// router cannot route it and no backend would accept it.
+fn requested_model(body: &[u8]) -> Result<Option<String>, RouterError> {
+    #[derive(serde::Deserialize)]
+    struct Probe {
+        model: Option<serde_json::Value>,
+    }
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Ok(None);
+    }
+    match serde_json::from_slice::<Probe>(body).map(|p| p.model) {
+        Ok(Some(serde_json::Value::String(model))) => Ok(Some(model)),
+        Ok(Some(serde_json::Value::Null) | None) | Err(_) => Ok(None),
+        Ok(Some(other)) => Err(RouterError::BadRequest(format!(
+            "\"model\" must be a string, found {other}"
+        ))),
+    }
+}
+
+/// One request as it is sent, possibly several times, to backends.
+struct Exchange<'a> {
+    shared: &'a Shared,
+    config: &'a Config,
+    method: &'a str,
+    target: &'a str,
+    headers: &'a [(String, String)],
+    body: &'a [u8],
+}
+
+impl Exchange<'_> {
+    /// Admits the request and sends it, retrying on another backend while it is safe:
+    /// nothing has reached the client yet, and the backend either refused the
+    /// connection or answered 502/503/504/429. A request that may already be generating
+    /// (a timeout after it was sent) is never sent again. Returns the slot, the reply
+    /// to relay, and the number of retries.
+    fn forward(
+        &self,
+        mut want: Want,
+    ) -> Result<(Slot, http::Response<ureq::Body>, u32), RouterError> {
+        let settings = &self.config.settings;
+        let mut retries = 0;
+        loop {
+            let slot = admit(self.shared, self.config, want.clone())?;
+            let result = self.send(&slot);
+            match &result {
+                Ok(response) if is_backend_failure(response.status().as_u16()) => {
+                    self.record_failure(&slot, &format!("replied {}", response.status().as_u16()));
+                }
+                Ok(_) => self.shared.table.request_succeeded(slot.backend_id()),
+                Err(failure) => self.record_failure(&slot, &failure.err.to_string()),
+            }
+            let retryable = match &result {
+                Ok(response) => matches!(response.status().as_u16(), 429 | 502 | 503 | 504),
+                Err(failure) => failure.before_send,
+            };
+            want.exclude.push(slot.backend_id());
+            // The last backend's answer is what the client gets when no other
+            // backend is left to try.
+            if !retryable || retries >= settings.max_retries || !self.shared.table.can_serve(&want)
+            {
+                return result
+                    .map(|response| (slot, response, retries))
+                    .map_err(|f| f.err);
+            }
+            log::debug!(
+                "{} {} on {} failed before reaching the client; retrying elsewhere",
+                self.method,
+                self.target,
+                slot.backend_url()
+            );
+            drop(result);
+            drop(slot);
+            retries += 1;
+            std::thread::sleep(settings.retry_delay);
+        }
+    }
+
+    /// Sends the request to the slot's backend and waits for its response head.
+    fn send(&self, slot: &Slot) -> Result<http::Response<ureq::Body>, SendFailure> {
+        let uri = format!("{}{}", slot.backend_url(), self.target);
+        let mut builder = http::Request::builder().method(self.method).uri(&uri);
+        for (name, value) in headers::upstream_headers(self.headers) {
+            builder = builder.header(name, value);
+        }
+        let request = builder.body(self.body).map_err(|e| SendFailure {
+            err: RouterError::BadRequest(format!("cannot forward this request: {e}")),
+            before_send: false,
+        })?;
+        let timeout = self.config.settings.request_timeout;
+        let agent = &self.shared.agent;
+        let request = agent
+            .configure_request(request)
+            .timeout_connect(Some(CONNECT_TIMEOUT.min(timeout)))
+            .timeout_recv_response(Some(timeout))
+            // The longest gap between two reads of the body: a stream that keeps
+            // producing tokens is never cut, one that stalls is.
+            .timeout_per_read(Some(timeout))
+            .build();
+        agent
+            .run(request)
+            .map_err(|e| SendFailure::of(slot.backend_url(), e))
+    }
+
+    /// Passive health: counts a failed request against the slot's backend.
+    fn record_failure(&self, slot: &Slot, why: &str) {
+        let settings = &self.config.settings;
+        let marked_down = self.shared.table.request_failed(
+            slot.backend_id(),
+            why,
+            settings.failure_threshold,
+            settings.auto_recovery_threshold,
+        );
+        if marked_down {
+            log::warn!(
+                "backend {} marked down after {} failed requests in a row (last: {why}); retried in {:?}",
+                slot.backend_url(),
+                settings.failure_threshold,
+                settings.auto_recovery_threshold
+            );
+        }
+    }
+}
+
+/// Replies that say the backend itself is failing, as opposed to refusing a bad
+/// request (4xx) or failing one request (500).
+fn is_backend_failure(status: u16) -> bool {
+    matches!(status, 502..=504)
+}
+
+/// A send that got no reply head.
+struct SendFailure {
+    err: RouterError,
+    /// The request certainly never reached the backend, so sending it elsewhere
+    /// cannot run it twice.
+    before_send: bool,
+}
+
+impl SendFailure {
+    fn of(backend: &str, err: ureq::Error) -> SendFailure {
+        use std::io::ErrorKind;
+        use ureq::Timeout;
+        let before_send = match &err {
+            ureq::Error::Timeout(Timeout::Connect | Timeout::Resolve)
+            | ureq::Error::HostNotFound
+            | ureq::Error::ConnectionFailed => true,
+            ureq::Error::Io(e) => e.kind() == ErrorKind::ConnectionRefused,
+            _ => false,
+        };
+        SendFailure {
+            err: backend_error(backend, err),
+            before_send,
+        }
+    }
 }
 
 fn reject(request: Request, method: &str, target: &str, err: &RouterError) {
@@ -139,47 +302,14 @@ fn read_body(
     Ok(body)
 }
 
-/// Takes a slot on the least-loaded backend, waiting in line if all are full.
-fn admit(shared: &Shared, config: &Config) -> Result<Slot, RouterError> {
+/// Takes a slot on the least-loaded backend that serves `want`, waiting in line if
+/// all are full.
+fn admit(shared: &Shared, config: &Config, want: Want) -> Result<Slot, RouterError> {
     let limits = Limits {
         max_queue_size: config.settings.max_queue_size,
         queue_timeout: config.settings.queue_timeout,
     };
-    Ok(shared.table.acquire(limits)?)
-}
-
-/// Sends the request to the slot's backend and waits for its response head.
-fn send_request(
-    shared: &Shared,
-    config: &Config,
-    slot: &Slot,
-    method: &str,
-    target: &str,
-    client_headers: &[(String, String)],
-    body: Vec<u8>,
-) -> Result<http::Response<ureq::Body>, RouterError> {
-    let uri = format!("{}{}", slot.backend_url(), target);
-    let mut builder = http::Request::builder().method(method).uri(&uri);
-    for (name, value) in headers::upstream_headers(client_headers) {
-        builder = builder.header(name, value);
-    }
-    let request = builder
-        .body(body)
-        .map_err(|e| RouterError::BadRequest(format!("cannot forward this request: {e}")))?;
-    let timeout = config.settings.request_timeout;
-    let request = shared
-        .agent
-        .configure_request(request)
-        .timeout_connect(Some(CONNECT_TIMEOUT.min(timeout)))
-        .timeout_recv_response(Some(timeout))
-        // The longest gap between two reads of the body: a stream that keeps
-        // producing tokens is never cut, one that stalls is.
-        .timeout_per_read(Some(timeout))
-        .build();
-    shared
-        .agent
-        .run(request)
-        .map_err(|e| backend_error(slot.backend_url(), e))
+    Ok(shared.table.acquire(want, limits)?)
 }
 
 fn backend_error(backend: &str, err: ureq::Error) -> RouterError {

@@ -27,7 +27,7 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(config: Config) -> Arc<Shared> {
-        let table = Table::new(&config.servers);
+        let table = Table::new(&config.servers, !config.settings.enable_active_health_check);
         Arc::new(Shared {
             config: RwLock::new(Arc::new(config)),
             table,

@@ -180,10 +180,12 @@ fn an_unreachable_backend_gives_502_with_an_openai_error() {
         .and_then(|l| l.local_addr())
         .expect("free port")
         .port();
-    let router = Router::start(&servers_toml(
+    // Active checks off: the backend is trusted until a request fails.
+    let toml = servers_toml(
         &[(&format!("http://127.0.0.1:{port}"), 2)],
-        "",
-    ));
+        "enable_active_health_check = false",
+    );
+    let router = Router::start_with(&toml, &[], &[]).expect("router starts");
     let resp = router.post(CHAT, &chat(1, 0));
     assert_eq!(resp.status, 502, "{}", resp.text());
     assert_eq!(resp.json()["error"]["code"], "backend_unavailable");

@@ -151,22 +151,26 @@ fn a_thousand_aborted_streams_leave_every_count_at_zero() {
 
 #[test]
 fn a_backend_that_breaks_mid_stream_never_looks_complete() {
-    // A "backend" that sends a chunked head and one event, then closes.
+    // A "backend" that answers a POST with a chunked head and one event, then
+    // closes; anything else (the health thread's model fetch) gets a 404.
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let url = format!("http://{}", listener.local_addr().expect("addr"));
     thread::spawn(move || {
-        if let Ok((mut s, _)) = listener.accept() {
+        for mut s in listener.incoming().flatten() {
             use std::io::{Read, Write};
             let mut buf = [0u8; 4096];
-            let _ = s.read(&mut buf);
-            let _ = s.write_all(
+            let n = s.read(&mut buf).unwrap_or(0);
+            let reply: &[u8] = if buf[..n].starts_with(b"POST") {
                 b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n\
-                  b\r\ndata: one\n\n\r\n",
-            );
-            thread::sleep(Duration::from_millis(100));
+                  b\r\ndata: one\n\n\r\n"
+            } else {
+                b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            };
+            let _ = s.write_all(reply);
         }
     });
-    let router = Router::start(&servers_toml(&[(&url, 1)], ""));
+    let toml = servers_toml(&[(&url, 1)], "enable_active_health_check = false");
+    let router = Router::start_with(&toml, &[], &[]).expect("router starts");
     let mut conn = Conn::open(router.addr);
     conn.send("POST", CHAT, &[], STREAM_BODY.as_bytes(), false);
     let (status, _) = conn.read_head().expect("head");

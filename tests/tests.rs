@@ -7,6 +7,8 @@ mod support;
 mod admission;
 /// The command line and the config file: check-config, errors, precedence.
 mod cli;
+/// Health checks, passive health, retries and model-aware routing.
+mod health;
 /// Relaying: method, path, query, headers, bodies and backend errors, unchanged.
 mod proxy;
 /// Streaming: events arrive one by one; disconnects reach the backend and free slots.

@@ -137,8 +137,16 @@ pub struct Router {
 
 impl Router {
     /// Starts the router on `toml`; panics with its stderr if it does not start.
+    /// Starts the router on `toml` and waits until every backend has passed its first
+    /// health check; panics with its log if it does not start.
     pub fn start(toml: &str) -> Router {
-        Router::start_with(toml, &[], &[]).unwrap_or_else(|e| panic!("router did not start: {e}"))
+        let router = Router::start_with(toml, &[], &[])
+            .unwrap_or_else(|e| panic!("router did not start: {e}"));
+        wait_until(Duration::from_secs(10), "every backend healthy", || {
+            let health = router.get_json("/health");
+            health["healthy_servers"] == health["total_servers"]
+        });
+        router
     }
 
     pub fn start_with(toml: &str, args: &[&str], envs: &[(&str, &str)]) -> Result<Router, String> {
@@ -402,5 +410,67 @@ impl Conn {
                 .map_err(|e| e.to_string())?;
         }
         Ok(resp)
+    }
+}
+
+/// A port on 127.0.0.1 that was free a moment ago: nothing listens there (yet).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+impl Router {
+    /// Waits until `/readyz` answers 200: at least one backend is routable.
+    pub fn wait_ready(&self) {
+        wait_until(Duration::from_secs(10), "/readyz answers 200", || {
+            self.get("/readyz").status == 200
+        });
+    }
+
+    /// Waits until `/health` counts `n` healthy servers.
+    pub fn wait_healthy_servers(&self, n: u64) {
+        wait_until(
+            Duration::from_secs(10),
+            &format!("{n} healthy servers in /health"),
+            || self.health()["healthy_servers"] == n,
+        );
+    }
+
+    /// The `/health` document (its status may be 200 or 503).
+    pub fn health(&self) -> serde_json::Value {
+        self.get_json("/health")
+    }
+
+    /// Server entry `i` of `/health`.
+    pub fn server(&self, i: usize) -> serde_json::Value {
+        self.health()["servers"][i].clone()
+    }
+
+    /// Whether server entry `i` of `/health` says `healthy: true`.
+    pub fn is_healthy(&self, i: usize) -> bool {
+        self.server(i)["healthy"]
+            .as_bool()
+            .unwrap_or_else(|| panic!("server {i} has no boolean 'healthy'"))
+    }
+
+    /// The model ids `GET /v1/models` lists, sorted.
+    pub fn model_ids(&self) -> Vec<String> {
+        let resp = self.get("/v1/models");
+        assert_eq!(resp.status, 200, "/v1/models: {}", resp.text());
+        let doc = resp.json();
+        assert_eq!(doc["object"], "list", "{doc}");
+        let mut ids: Vec<String> = doc["data"]
+            .as_array()
+            .unwrap_or_else(|| panic!("/v1/models has no data array: {doc}"))
+            .iter()
+            .map(|m| {
+                assert_eq!(m["object"], "model", "{m}");
+                m["id"].as_str().expect("model id").to_owned()
+            })
+            .collect();
+        ids.sort();
+        ids
     }
 }

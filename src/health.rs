@@ -1,0 +1,408 @@
+//! The health thread: decides which backends are healthy and learns what models they
+//! serve.
+//!
+//! It owns each backend's check history (`Track`) and is the only writer of active
+//! health in the slot table (`Table::record_check`, `set_models`);
+//! passive health (request failures) is written by `relay`. The probes themselves run
+//! on short-lived threads, at most one per backend at a time, and report back over a
+//! channel, so a hung backend never delays the checks of the others.
+//!
+//! Rules, over a sliding window of the last `WINDOW` checks of a backend:
+//! - it turns unhealthy after `health_check_consecutive_failures` failed checks in a
+//!   row, or, once the window holds `MIN_SAMPLES` checks, when the share of good checks
+//!   is below `health_check_min_success_rate` or their mean time is above
+//!   `health_check_max_response_time`;
+//! - it turns healthy again after `health_check_recovery_successes` good checks in a
+//!   row, and its window starts afresh, so old failures do not knock it down again;
+//! - a backend that has never been healthy (just started or added) takes traffic after
+//!   its first good check, made at once rather than at the next interval;
+//! - a backend marked down by request failures (passive health) is probed again
+//!   `auto_recovery_threshold` after that, also with active checks off, and one good
+//!   probe brings it back; checks before then do not.
+//!
+//! Models come from each backend's `/v1/models`: at its first check, when it recovers,
+//! and every `MODELS_REFRESH`. A failed fetch keeps the last good list.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+
+use crate::admission::{BackendId, BackendView, CheckStats};
+use crate::config::Settings;
+use crate::shared::Shared;
+
+/// Checks remembered per backend.
+const WINDOW: usize = 10;
+/// Checks needed before the success-rate and mean-time rules apply, so that one bad
+/// check after a start or a recovery cannot mark a backend down by itself.
+const MIN_SAMPLES: usize = 5;
+/// How often the model list of a healthy backend is fetched again.
+const MODELS_REFRESH: Duration = Duration::from_secs(60);
+/// How often the thread looks for probes that are due.
+const IDLE_TICK: Duration = Duration::from_millis(250);
+
+/// Starts the health thread.
+pub fn spawn(shared: Arc<Shared>) -> std::io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("health".to_owned())
+        .spawn(move || run(&shared))
+}
+
+/// What the health thread remembers of one backend.
+#[derive(Default)]
+struct Track {
+    window: VecDeque<Sample>,
+    consecutive_ok: u32,
+    consecutive_failed: u32,
+    ever_healthy: bool,
+    /// A probe for this backend is running.
+    probing: bool,
+    last_probe: Option<Instant>,
+    models_fetched: Option<Instant>,
+}
+
+#[derive(Clone, Copy)]
+struct Sample {
+    ok: bool,
+    latency: Duration,
+}
+
+/// What a probe thread reports.
+struct Report {
+    id: BackendId,
+    /// `None` when only the models were fetched.
+    check: Option<Result<Duration, String>>,
+    models: Option<Vec<serde_json::Value>>,
+}
+
+fn run(shared: &Arc<Shared>) {
+    let (tx, rx) = crossbeam_channel::unbounded();
+    let mut tracks: HashMap<BackendId, Track> = HashMap::new();
+    loop {
+        let config = shared.config();
+        let settings = &config.settings;
+        let view = shared.table.view();
+        tracks.retain(|id, _| view.backends.iter().any(|b| b.id == *id));
+        for backend in &view.backends {
+            let track = tracks.entry(backend.id).or_default();
+            start_probe_if_due(shared, backend, track, settings, &tx);
+        }
+        let tick = settings.health_check_interval.min(IDLE_TICK);
+        collect_reports(shared, &rx, &mut tracks, settings, Instant::now() + tick);
+    }
+}
+
+/// Starts a probe thread for `backend` when one is due and none is running.
+fn start_probe_if_due(
+    shared: &Arc<Shared>,
+    b: &BackendView,
+    track: &mut Track,
+    s: &Settings,
+    tx: &Sender<Report>,
+) {
+    if track.probing {
+        return;
+    }
+    let now = Instant::now();
+    let check_due = if let Some(until) = b.down_by_requests_until {
+        now >= until
+            && track
+                .last_probe
+                .is_none_or(|t| now >= t + s.health_check_interval.min(IDLE_TICK * 4))
+    } else {
+        s.enable_active_health_check
+            && track
+                .last_probe
+                .is_none_or(|t| now >= t + s.health_check_interval)
+    };
+    let models_due = track
+        .models_fetched
+        .is_none_or(|t| now >= t + MODELS_REFRESH);
+    let fetch_models_only = models_due && b.healthy;
+    if !check_due && !fetch_models_only {
+        return;
+    }
+    track.probing = true;
+    track.last_probe = Some(now);
+    let (shared, tx, id, url) = (Arc::clone(shared), tx.clone(), b.id, b.url.clone());
+    let timeout = s.health_check_timeout;
+    let spawned = thread::Builder::new()
+        .name("health-probe".to_owned())
+        .spawn(move || {
+            let check = check_due.then(|| check_health(&shared.agent, &url, timeout));
+            let healthy_now = check.as_ref().is_none_or(|c| c.is_ok());
+            let models = (healthy_now && (models_due || check.is_some()))
+                .then(|| fetch_models(&shared.agent, &url, timeout));
+            let _ = tx.send(Report {
+                id,
+                check,
+                models: models.flatten(),
+            });
+        });
+    if let Err(e) = spawned {
+        track.probing = false;
+        log::warn!("cannot start a health probe for {}: {e}", b.url);
+    }
+}
+
+/// Applies probe reports until `deadline`.
+fn collect_reports(
+    shared: &Shared,
+    rx: &Receiver<Report>,
+    tracks: &mut HashMap<BackendId, Track>,
+    s: &Settings,
+    deadline: Instant,
+) {
+    loop {
+        let report = match rx.recv_deadline(deadline) {
+            Ok(report) => report,
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return,
+        };
+        let Some(track) = tracks.get_mut(&report.id) else {
+            continue;
+        };
+        track.probing = false;
+        if let Some(models) = report.models {
+            track.models_fetched = Some(Instant::now());
+            shared.table.set_models(report.id, models);
+        }
+        if let Some(check) = report.check {
+            apply_check(shared, report.id, track, check, s);
+        }
+    }
+}
+
+/// Records one health check and moves the backend between healthy and unhealthy.
+fn apply_check(
+    shared: &Shared,
+    id: BackendId,
+    track: &mut Track,
+    check: Result<Duration, String>,
+    s: &Settings,
+) {
+    let sample = match &check {
+        Ok(latency) => Sample {
+            ok: true,
+            latency: *latency,
+        },
+        Err(_) => Sample {
+            ok: false,
+            latency: s.health_check_timeout,
+        },
+    };
+    if track.window.len() == WINDOW {
+        track.window.pop_front();
+    }
+    track.window.push_back(sample);
+    if sample.ok {
+        track.consecutive_ok += 1;
+        track.consecutive_failed = 0;
+    } else {
+        track.consecutive_failed += 1;
+        track.consecutive_ok = 0;
+    }
+    let Some(backend) = shared
+        .table
+        .view()
+        .backends
+        .into_iter()
+        .find(|b| b.id == id)
+    else {
+        return;
+    };
+    let change = decide(&backend, track, &check, sample, s);
+    let ok_count = track.window.iter().filter(|s| s.ok).count();
+    let stats = CheckStats {
+        consecutive_failures: track.consecutive_failed,
+        success_rate: Some(ok_count as f64 / track.window.len() as f64),
+        last_check: Some(SystemTime::now()),
+        last_latency: Some(sample.latency),
+    };
+    // Figures and health change in one step, so a reader never sees one without
+    // the other.
+    let changed = shared.table.record_check(id, stats, change.clone());
+    match change {
+        Some((true, _)) if changed => log::info!("backend {} is up", backend.url),
+        Some((false, Some(reason))) if changed => {
+            log::warn!("backend {} is down: {reason}", backend.url)
+        }
+        _ => {}
+    }
+}
+
+/// The health change one check brings, as (healthy, reason); `None` for no change.
+fn decide(
+    backend: &BackendView,
+    track: &mut Track,
+    check: &Result<Duration, String>,
+    sample: Sample,
+    s: &Settings,
+) -> Option<(bool, Option<String>)> {
+    if backend.healthy {
+        return verdict(track, check, s).map(|reason| (false, Some(reason)));
+    }
+    if backend
+        .down_by_requests_until
+        .is_some_and(|until| Instant::now() < until)
+    {
+        return None;
+    }
+    let recovered = sample.ok
+        && (!track.ever_healthy
+            || backend.down_by_requests_until.is_some()
+            || track.consecutive_ok >= s.health_check_recovery_successes);
+    if recovered {
+        track.window.clear();
+        track.window.push_back(sample);
+        track.ever_healthy = true;
+        // Learn its models again: it may have come back with others.
+        track.models_fetched = None;
+        return Some((true, None));
+    }
+    let reason = match check {
+        Err(e) => format!("health check failed: {e}"),
+        Ok(_) => format!(
+            "recovering: {} of {} good checks in a row",
+            track.consecutive_ok, s.health_check_recovery_successes
+        ),
+    };
+    Some((false, Some(reason)))
+}
+
+/// Why a healthy backend should be marked down, if it should.
+fn verdict(track: &Track, last: &Result<Duration, String>, s: &Settings) -> Option<String> {
+    if track.consecutive_failed >= s.health_check_consecutive_failures {
+        let last = last.as_ref().err().map_or("", String::as_str);
+        return Some(format!(
+            "{} health checks failed in a row (last: {last})",
+            track.consecutive_failed
+        ));
+    }
+    let n = track.window.len();
+    if n < MIN_SAMPLES {
+        return None;
+    }
+    let ok = track.window.iter().filter(|s| s.ok).count();
+    let rate = ok as f64 / n as f64;
+    if rate < s.health_check_min_success_rate {
+        return Some(format!(
+            "{ok} of the last {n} health checks succeeded, below the minimum rate {}",
+            s.health_check_min_success_rate
+        ));
+    }
+    let mean = track.window.iter().map(|s| s.latency).sum::<Duration>() / n as u32;
+    if mean > s.health_check_max_response_time {
+        return Some(format!(
+            "health checks took {:.3}s on average, above {:.3}s",
+            mean.as_secs_f64(),
+            s.health_check_max_response_time.as_secs_f64()
+        ));
+    }
+    None
+}
+
+/// `GET {url}/health`: good when it answers 2xx within `timeout`.
+fn check_health(agent: &ureq::Agent, url: &str, timeout: Duration) -> Result<Duration, String> {
+    let started = Instant::now();
+    let response = get(agent, &format!("{url}/health"), timeout)?;
+    let status = response.status().as_u16();
+    if (200..300).contains(&status) {
+        Ok(started.elapsed())
+    } else {
+        Err(format!("/health answered {status}"))
+    }
+}
+
+/// `GET {url}/v1/models`: the model objects of an OpenAI list, or `None`.
+fn fetch_models(
+    agent: &ureq::Agent,
+    url: &str,
+    timeout: Duration,
+) -> Option<Vec<serde_json::Value>> {
+    let mut response = get(agent, &format!("{url}/v1/models"), timeout).ok()?;
+    if response.status().as_u16() != 200 {
+        return None;
+    }
+    let text = response.body_mut().read_to_string().ok()?;
+    let doc: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let list = doc.get("data")?.as_array()?;
+    Some(
+        list.iter()
+            .filter(|m| m.get("id").is_some_and(|id| id.is_string()))
+            .cloned()
+            .collect(),
+    )
+}
+
+fn get(
+    agent: &ureq::Agent,
+    url: &str,
+    timeout: Duration,
+) -> Result<ureq::http::Response<ureq::Body>, String> {
+    let request = ureq::http::Request::get(url)
+        .body(())
+        .map_err(|e| e.to_string())?;
+    let request = agent
+        .configure_request(request)
+        .timeout_global(Some(timeout))
+        .build();
+    agent.run(request).map_err(|e| match e {
+        ureq::Error::Timeout(_) => format!("no answer within {:.1}s", timeout.as_secs_f64()),
+        other => other.to_string(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn track(samples: &[(bool, u64)], consecutive_failed: u32) -> Track {
+        Track {
+            window: samples
+                .iter()
+                .map(|&(ok, ms)| Sample {
+                    ok,
+                    latency: Duration::from_millis(ms),
+                })
+                .collect(),
+            consecutive_failed,
+            ..Track::default()
+        }
+    }
+
+    fn check(samples: &[(bool, u64)], consecutive_failed: u32) -> Option<String> {
+        let s = Settings {
+            health_check_consecutive_failures: 3,
+            health_check_min_success_rate: 0.8,
+            health_check_max_response_time: Duration::from_millis(500),
+            ..Settings::default()
+        };
+        verdict(
+            &track(samples, consecutive_failed),
+            &Err("refused".into()),
+            &s,
+        )
+    }
+
+    #[test]
+    fn verdicts() {
+        assert_eq!(check(&[(true, 10)], 0), None);
+        // One failure alone never marks a backend down.
+        assert_eq!(check(&[(false, 10)], 1), None);
+        assert!(check(&[(false, 10); 3], 3)
+            .is_some_and(|r| r.contains("3 health checks failed in a row")));
+        // The rate rule waits for MIN_SAMPLES checks.
+        assert_eq!(
+            check(&[(true, 10), (false, 10), (true, 10), (false, 10)], 1),
+            None
+        );
+        let mixed = [(true, 10), (false, 10), (true, 10), (false, 10), (true, 10)];
+        assert!(check(&mixed, 0).is_some_and(|r| r.contains("3 of the last 5")));
+        let slow = [(true, 900); 5];
+        assert!(check(&slow, 0).is_some_and(|r| r.contains("on average")));
+        assert_eq!(check(&[(true, 100); 10], 0), None);
+    }
+}
