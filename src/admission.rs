@@ -33,6 +33,9 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::config::ServerConfig;
 
+/// The reason shown for a backend that has not had its first health check.
+pub const NOT_CHECKED: &str = "not checked yet";
+
 /// Identifies one backend for the life of the process. A server removed from the
 /// config and added again gets a new id, so a slot taken before the removal can never
 /// be released against the new entry.
@@ -160,6 +163,21 @@ impl std::fmt::Debug for Slot {
     }
 }
 
+/// What `Table::apply_servers` changed, for the reload log line.
+#[derive(Debug, Default, PartialEq)]
+pub struct ServerChanges {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    /// (url, old capacity, new capacity)
+    pub resized: Vec<(String, u32, u32)>,
+}
+
+impl ServerChanges {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.resized.is_empty()
+    }
+}
+
 /// A point-in-time copy of one backend's entry, for the status endpoints.
 #[derive(Debug, Clone, PartialEq)]
 pub struct BackendView {
@@ -197,26 +215,61 @@ impl Table {
             closed: false,
         };
         for server in servers {
-            let id = inner.next_id;
-            inner.next_id += 1;
-            inner.entries.push(Entry {
-                id,
-                url: Arc::from(server.url.as_str()),
-                max_concurrent: server.max_concurrent_requests,
-                in_flight: 0,
-                healthy: trusted,
-                reason: (!trusted).then(|| "not checked yet".to_owned()),
-                request_failures: 0,
-                down_by_requests_until: None,
-                models: None,
-                checks: CheckStats::default(),
-                removed: false,
-                admitted_total: 0,
-            });
+            inner.add_entry(server, trusted);
         }
         Arc::new(Table {
             inner: Mutex::new(inner),
         })
+    }
+
+    /// Applies a reloaded server list in one step. A server whose URL is unchanged
+    /// keeps all its state (in-flight count, health, models, counters) and takes a new
+    /// capacity at once; a new server joins like one at start-up (`trusted` as in
+    /// `new`); a removed server takes no new requests, its in-flight requests finish,
+    /// and its entry is forgotten with its last slot.
+    pub fn apply_servers(&self, servers: &[ServerConfig], trusted: bool) -> ServerChanges {
+        let mut inner = self.inner.lock();
+        let mut changes = ServerChanges::default();
+        for e in inner.entries.iter_mut().filter(|e| !e.removed) {
+            if !servers.iter().any(|s| *s.url == *e.url) {
+                e.removed = true;
+                changes.removed.push(e.url.to_string());
+            }
+        }
+        inner.entries.retain(|e| !(e.removed && e.in_flight == 0));
+        for server in servers {
+            match inner
+                .entries
+                .iter_mut()
+                .find(|e| !e.removed && *e.url == *server.url)
+            {
+                Some(e) if e.max_concurrent != server.max_concurrent_requests => {
+                    changes.resized.push((
+                        server.url.clone(),
+                        e.max_concurrent,
+                        server.max_concurrent_requests,
+                    ));
+                    e.max_concurrent = server.max_concurrent_requests;
+                }
+                Some(_) => {}
+                None => {
+                    inner.add_entry(server, trusted);
+                    changes.added.push(server.url.clone());
+                }
+            }
+        }
+        // Keep the config file's order for the status endpoints; draining entries last.
+        let position = |e: &Entry| {
+            servers
+                .iter()
+                .position(|s| *s.url == *e.url)
+                .filter(|_| !e.removed)
+        };
+        inner
+            .entries
+            .sort_by_key(|e| position(e).unwrap_or(usize::MAX));
+        inner.dispatch();
+        changes
     }
 
     /// Takes a slot on the least-loaded healthy backend that serves `want`, waiting in
@@ -339,6 +392,11 @@ impl Table {
     pub fn has_usable_backend(&self) -> bool {
         let inner = self.inner.lock();
         !inner.closed && inner.entries.iter().any(|e| e.usable(&Want::default()))
+    }
+
+    /// Requests holding a slot right now, on every backend (shutdown waits for 0).
+    pub fn total_in_flight(&self) -> u32 {
+        self.inner.lock().entries.iter().map(|e| e.in_flight).sum()
     }
 
     /// Whether some healthy backend could serve `want` (room or not).
@@ -549,6 +607,25 @@ impl Inner {
         }
     }
 
+    fn add_entry(&mut self, server: &ServerConfig, trusted: bool) {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.entries.push(Entry {
+            id,
+            url: Arc::from(server.url.as_str()),
+            max_concurrent: server.max_concurrent_requests,
+            in_flight: 0,
+            healthy: trusted,
+            reason: (!trusted).then(|| NOT_CHECKED.to_owned()),
+            request_failures: 0,
+            down_by_requests_until: None,
+            models: None,
+            checks: CheckStats::default(),
+            removed: false,
+            admitted_total: 0,
+        });
+    }
+
     fn entry_mut(&mut self, id: BackendId) -> Option<&mut Entry> {
         self.entries.iter_mut().find(|e| e.id == id)
     }
@@ -685,6 +762,54 @@ mod tests {
             t.acquire(Want::default(), limits(4, 10)).unwrap_err(),
             Rejection::Closed
         );
+    }
+
+    #[test]
+    fn a_reload_keeps_unchanged_servers_and_drains_removed_ones() {
+        let t = table(&[1, 2]);
+        let held = t.acquire(Want::default(), limits(0, 0)).expect("slot");
+        let held_url = held.backend_url().to_string();
+        let kept = if held_url == "http://b0" {
+            "http://b1"
+        } else {
+            "http://b0"
+        };
+        let servers = [
+            ServerConfig {
+                url: kept.into(),
+                max_concurrent_requests: 5,
+            },
+            ServerConfig {
+                url: "http://new".into(),
+                max_concurrent_requests: 1,
+            },
+        ];
+        let changes = t.apply_servers(&servers, true);
+        assert_eq!(changes.added, ["http://new"]);
+        assert_eq!(changes.removed, std::slice::from_ref(&held_url));
+        // The removed server is hidden but its slot is still counted until released.
+        let urls: Vec<String> = t.view().backends.iter().map(|b| b.url.clone()).collect();
+        assert_eq!(urls, [kept, "http://new"]);
+        assert_eq!(t.total_in_flight(), 1);
+        drop(held);
+        assert_eq!(t.total_in_flight(), 0);
+        // Added back later, it starts afresh under a new id.
+        let before: Vec<BackendId> = t.view().backends.iter().map(|b| b.id).collect();
+        t.apply_servers(
+            &[ServerConfig {
+                url: held_url.clone(),
+                max_concurrent_requests: 1,
+            }],
+            true,
+        );
+        let again = t
+            .view()
+            .backends
+            .into_iter()
+            .find(|b| b.url == held_url)
+            .expect("re-added");
+        assert!(!before.contains(&again.id));
+        assert_eq!((again.in_flight, again.admitted_total), (0, 0));
     }
 
     #[test]

@@ -53,6 +53,9 @@ pub struct RunArgs {
     /// directory for log files (env LOG_DIR, default ./logs)
     #[argh(option)]
     pub log_dir: Option<PathBuf>,
+    /// write the process id to this file, and remove it on exit
+    #[argh(option)]
+    pub pid_file: Option<PathBuf>,
 }
 
 #[derive(FromArgs, Debug)]

@@ -184,6 +184,16 @@ pub fn known_keys() -> impl Iterator<Item = &'static str> {
     KEYS.iter().map(|key| key.name)
 }
 
+impl Settings {
+    /// The `[config]` keys whose effective value differs from `other`'s, by name.
+    pub fn changed_keys(&self, other: &Settings) -> Vec<&'static str> {
+        KEYS.iter()
+            .filter(|key| (key.show)(self) != (key.show)(other))
+            .map(|key| key.name)
+            .collect()
+    }
+}
+
 impl Config {
     /// A one-screen description for `check-config`: servers, capacity and every setting.
     pub fn summary(&self) -> String {

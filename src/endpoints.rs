@@ -33,6 +33,7 @@ pub fn try_handle(request: Request, shared: &Arc<Shared>) -> Option<Request> {
         wire::send_error(
             request,
             &RouterError::MethodNotAllowed { allow: "GET, HEAD" },
+            &[],
         )
     };
     if let Err(e) = result {

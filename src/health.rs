@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use crate::admission::{BackendId, BackendView, CheckStats};
+use crate::admission::{BackendId, BackendView, CheckStats, NOT_CHECKED};
 use crate::config::Settings;
 use crate::shared::Shared;
 
@@ -228,6 +228,10 @@ fn apply_check(
         Some((true, _)) if changed => log::info!("backend {} is up", backend.url),
         Some((false, Some(reason))) if changed => {
             log::warn!("backend {} is down: {reason}", backend.url)
+        }
+        // Once, for a backend that has not come up since it was added.
+        Some((false, Some(reason))) if backend.reason.as_deref() == Some(NOT_CHECKED) => {
+            log::warn!("backend {} is not up yet: {reason}", backend.url)
         }
         _ => {}
     }

@@ -2,6 +2,7 @@
 //! servers. ARCHITECTURE.md is the map; each module's doc says what it owns.
 #![deny(unsafe_code)] // the two exceptions (headers, server) say why where they allow it
 
+pub mod access;
 pub mod admission;
 pub mod cli;
 pub mod config;
@@ -11,6 +12,8 @@ pub mod headers;
 pub mod health;
 pub mod logging;
 pub mod relay;
+pub mod reload;
 pub mod server;
 pub mod shared;
+pub mod signals;
 pub mod wire;

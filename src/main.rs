@@ -1,12 +1,14 @@
 //! The `vllm-router` binary: parses the command line, runs one mode, and turns its
 //! result into an exit code (0 ok, 1 runtime failure, 2 bad usage or bad config).
 
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use argh::FromArgs;
 
 use vllm_router::cli::{self, CheckConfigArgs, Cli, Command, RunArgs};
-use vllm_router::{config, health, logging, server, shared::Shared};
+use vllm_router::{config, health, logging, reload, server, shared::Shared, signals};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -55,7 +57,8 @@ fn check_config(args: CheckConfigArgs, env: &dyn Fn(&str) -> Option<String>) -> 
     }
 }
 
-/// `run`: loads the config (refusing to start on a bad one), then serves until killed.
+/// `run`: loads the config (refusing to start on a bad one), serves, and shuts down
+/// gracefully on SIGTERM or SIGINT.
 fn run(args: RunArgs, env: &dyn Fn(&str) -> Option<String>) -> ExitCode {
     let path = cli::config_path(args.config.clone(), env);
     let config = match config::load(&path) {
@@ -73,36 +76,70 @@ fn run(args: RunArgs, env: &dyn Fn(&str) -> Option<String>) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    if let Err(e) = logging::init(settings.log_level, settings.console, &settings.log_dir) {
-        eprintln!("vllm-router: {e}");
-        return ExitCode::from(1);
-    }
-    let workers = server::worker_count(&config);
-    let n_servers = config.servers.len();
-    let shared = Shared::new(config);
-    if let Err(e) = health::spawn(std::sync::Arc::clone(&shared)) {
-        eprintln!("vllm-router: cannot start the health thread: {e}");
-        return ExitCode::from(1);
-    }
-    let running = match server::start(shared, &settings.host, settings.port, workers) {
-        Ok(running) => running,
+    let logs = match logging::init(settings.log_level, settings.console, &settings.log_dir) {
+        Ok(logs) => logs,
         Err(e) => {
-            log::error!("{e}");
             eprintln!("vllm-router: {e}");
             return ExitCode::from(1);
         }
     };
+    match serve(config, &path, &settings, args.pid_file.as_deref(), logs) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            log::error!("{e}");
+            eprintln!("vllm-router: {e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn serve(
+    config: config::Config,
+    path: &Path,
+    settings: &cli::RunSettings,
+    pid_file: Option<&Path>,
+    logs: logging::LogHandle,
+) -> Result<(), String> {
+    let workers = server::worker_count(&config);
+    let n_servers = config.servers.len();
+    let shared = Shared::new(config);
+    // Signals first, so a SIGTERM during start-up is not lost.
+    let signals = signals::listen()?;
+    health::spawn(Arc::clone(&shared))
+        .map_err(|e| format!("cannot start the health thread: {e}"))?;
+    let (addr, pool) = server::start(Arc::clone(&shared), &settings.host, settings.port, workers)?;
+    let _pid_file = pid_file.map(PidFile::create).transpose()?;
+    reload::spawn(
+        Arc::clone(&shared),
+        pool,
+        path.to_owned(),
+        signals.reload.clone(),
+    )
+    .map_err(|e| format!("cannot start the reload thread: {e}"))?;
     // Scripts and tests read the bound address (with --port 0) from this line.
-    println!("vllm-router listening on http://{}", running.addr);
+    println!("vllm-router listening on http://{addr}");
     log::info!(
-        "vllm-router {} listening on {} with {workers} workers, {n_servers} backends, config {}",
+        "vllm-router {} listening on {addr} with {workers} workers, {n_servers} backends, config {}",
         env!("CARGO_PKG_VERSION"),
-        running.addr,
         path.display()
     );
-    for worker in running.workers {
-        let _ = worker.join();
+    signals.serve_until_shutdown(&shared, &logs);
+    Ok(())
+}
+
+/// `--pid-file`: written once the router listens, removed when it exits normally.
+struct PidFile(PathBuf);
+
+impl PidFile {
+    fn create(path: &Path) -> Result<PidFile, String> {
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .map_err(|e| format!("cannot write pid file {}: {e}", path.display()))?;
+        Ok(PidFile(path.to_owned()))
     }
-    log::error!("every worker stopped; exiting");
-    ExitCode::from(1)
+}
+
+impl Drop for PidFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
 }

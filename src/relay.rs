@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use tiny_http::Request;
 use ureq::http;
 
+use crate::access::{self, Access};
 use crate::admission::{Limits, Slot, Want};
 use crate::config::Config;
 use crate::error::RouterError;
@@ -33,13 +34,7 @@ const READ_BUF: usize = 16 * 1024;
 /// Content-Length before the body.
 const MAX_BUFFERED: u64 = 64 * 1024 * 1024;
 
-/// How a proxied request ended, for the log line.
-struct Outcome {
-    status: u16,
-    bytes_out: u64,
-    end: End,
-}
-
+/// How relaying a reply ended.
 enum End {
     Complete,
     /// The client went away; the backend connection was closed with it.
@@ -48,24 +43,24 @@ enum End {
     BackendBroke(String),
 }
 
-impl std::fmt::Display for Outcome {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{} {}B ", self.status, self.bytes_out)?;
-        match &self.end {
-            End::Complete => write!(f, "complete"),
-            End::ClientGone => write!(f, "client gone"),
-            End::BackendBroke(why) => write!(f, "backend broke off: {why}"),
-        }
-    }
+/// Handles one proxied request to its end, and writes its access-log entry.
+pub fn handle(request: Request, shared: &Arc<Shared>) {
+    let client_id = request
+        .headers()
+        .get(access::REQUEST_ID_HEADER)
+        .map(|v| v.as_str().to_owned());
+    let mut access = Access::start(
+        request.method().as_str(),
+        request.url(),
+        client_id.as_deref(),
+    );
+    proxy(request, shared, &mut access);
+    access.finish();
 }
 
-/// Handles one proxied request to its end.
-pub fn handle(mut request: Request, shared: &Arc<Shared>) {
-    let started = Instant::now();
+fn proxy(mut request: Request, shared: &Arc<Shared>, access: &mut Access) {
     let config = shared.config();
-    let method = request.method().as_str().to_owned();
     let target = request.url().to_owned();
-
     let client_headers = headers::client_headers(request.headers());
     let body = match read_body(
         &mut request,
@@ -73,44 +68,52 @@ pub fn handle(mut request: Request, shared: &Arc<Shared>) {
         config.settings.max_body_bytes,
     ) {
         Ok(body) => body,
-        Err(err) => return reject(request, &method, &target, &err),
+        Err(err) => return reject(request, &err, access),
     };
     if !target.starts_with('/') {
         let err = RouterError::BadRequest(format!(
             "request target {target:?} must be a path starting with /"
         ));
-        return reject(request, &method, &target, &err);
+        return reject(request, &err, access);
     }
-    let model = match requested_model(&body) {
+    access.model = match requested_model(&body) {
         Ok(model) => model,
-        Err(err) => return reject(request, &method, &target, &err),
+        Err(err) => return reject(request, &err, access),
     };
+    let mut upstream = headers::upstream_headers(&client_headers);
+    upstream.retain(|(name, _)| !name.eq_ignore_ascii_case(access::REQUEST_ID_HEADER));
+    upstream.push((
+        access::REQUEST_ID_HEADER.to_owned(),
+        access.request_id.clone(),
+    ));
+    let method = access.method.clone();
     let exchange = Exchange {
         shared,
         config: &config,
         method: &method,
         target: &target,
-        headers: &client_headers,
+        headers: &upstream,
         body: &body,
     };
-    let (slot, response, retries) = match exchange.forward(Want {
-        model,
+    let want = Want {
+        model: access.model.clone(),
         exclude: Vec::new(),
-    }) {
-        Ok(sent) => sent,
-        Err(err) => return reject(request, &method, &target, &err),
     };
-    let outcome = relay_response(request, response, slot.backend_url());
-    if let End::BackendBroke(why) = &outcome.end {
-        exchange.record_failure(&slot, why);
-    }
-    log::debug!(
-        "{method} {target} -> {} retries={retries} queued={:?} took={:?} {outcome}",
-        slot.backend_url(),
-        slot.queued_for,
-        started.elapsed()
-    );
-    drop(slot);
+    let (slot, response) = match exchange.forward(want, &mut access.retries) {
+        Ok(sent) => sent,
+        Err(err) => return reject(request, &err, access),
+    };
+    access.backend = Some(slot.backend_url().to_owned());
+    access.queue_wait = slot.queued_for;
+    let end = relay_response(request, response, access);
+    access.outcome = match &end {
+        End::Complete => "complete",
+        End::ClientGone => "client_gone",
+        End::BackendBroke(why) => {
+            exchange.record_failure(&slot, why);
+            "backend_broke"
+        }
+    };
 }
 
 /// The `model` a request's JSON body names. A body that is not a JSON object names
@@ -149,13 +152,13 @@ impl Exchange<'_> {
     /// nothing has reached the client yet, and the backend either refused the
     /// connection or answered 502/503/504/429. A request that may already be generating
     /// (a timeout after it was sent) is never sent again. Returns the slot, the reply
-    /// to relay, and the number of retries.
+    /// to relay; counts retries in `retries`.
     fn forward(
         &self,
         mut want: Want,
-    ) -> Result<(Slot, http::Response<ureq::Body>, u32), RouterError> {
+        retries: &mut u32,
+    ) -> Result<(Slot, http::Response<ureq::Body>), RouterError> {
         let settings = &self.config.settings;
-        let mut retries = 0;
         loop {
             let slot = admit(self.shared, self.config, want.clone())?;
             let result = self.send(&slot);
@@ -173,11 +176,9 @@ impl Exchange<'_> {
             want.exclude.push(slot.backend_id());
             // The last backend's answer is what the client gets when no other
             // backend is left to try.
-            if !retryable || retries >= settings.max_retries || !self.shared.table.can_serve(&want)
+            if !retryable || *retries >= settings.max_retries || !self.shared.table.can_serve(&want)
             {
-                return result
-                    .map(|response| (slot, response, retries))
-                    .map_err(|f| f.err);
+                return result.map(|response| (slot, response)).map_err(|f| f.err);
             }
             log::debug!(
                 "{} {} on {} failed before reaching the client; retrying elsewhere",
@@ -187,7 +188,7 @@ impl Exchange<'_> {
             );
             drop(result);
             drop(slot);
-            retries += 1;
+            *retries += 1;
             std::thread::sleep(settings.retry_delay);
         }
     }
@@ -270,10 +271,16 @@ impl SendFailure {
     }
 }
 
-fn reject(request: Request, method: &str, target: &str, err: &RouterError) {
-    log::debug!("{method} {target} -> {} {err}", err.status());
-    if let Err(e) = wire::send_error(request, err) {
-        log::debug!("could not send the error reply: {e}");
+fn reject(request: Request, err: &RouterError, access: &mut Access) {
+    access.status = err.status();
+    access.outcome = err.code();
+    let id = [(
+        access::REQUEST_ID_HEADER.to_owned(),
+        access.request_id.clone(),
+    )];
+    match wire::send_error(request, err, &id) {
+        Ok(()) => access.first_byte = Some(Instant::now()),
+        Err(e) => log::debug!("could not send the error reply: {e}"),
     }
 }
 
@@ -331,10 +338,11 @@ fn backend_error(backend: &str, err: ureq::Error) -> RouterError {
 fn relay_response(
     request: Request,
     response: http::Response<ureq::Body>,
-    backend: &str,
-) -> Outcome {
+    access: &mut Access,
+) -> End {
     let conn = ClientConn::of(&request);
     let status = response.status().as_u16();
+    access.status = status;
     let backend_headers: Vec<(String, String)> = response
         .headers()
         .iter()
@@ -346,73 +354,62 @@ fn relay_response(
         })
         .collect();
     let mut out_headers = headers::downstream_headers(&backend_headers);
-    let is_event_stream = headers::find(&out_headers, "content-type")
+    out_headers.retain(|(name, _)| !name.eq_ignore_ascii_case(access::REQUEST_ID_HEADER));
+    out_headers.push((
+        access::REQUEST_ID_HEADER.to_owned(),
+        access.request_id.clone(),
+    ));
+    access.stream = headers::find(&out_headers, "content-type")
         .is_some_and(|ct| ct.starts_with("text/event-stream"));
-    if is_event_stream && headers::find(&out_headers, "x-accel-buffering").is_none() {
+    if access.stream && headers::find(&out_headers, "x-accel-buffering").is_none() {
         // Tells an nginx in front of the router not to buffer the stream either.
         out_headers.push(("X-Accel-Buffering".to_owned(), "no".to_owned()));
     }
     let mut reader = response.into_body().into_reader();
 
-    if conn.head_request || status == 204 || status == 304 || (100..200).contains(&status) {
-        let writer = BodyWriter::start(request, conn, status, &out_headers, Framing::None);
-        return match writer.finish() {
-            Ok(_) => Outcome {
-                status,
-                bytes_out: 0,
-                end: End::Complete,
-            },
-            Err(_) => Outcome {
-                status,
-                bytes_out: 0,
-                end: End::ClientGone,
-            },
-        };
-    }
-
-    let Some(framing) = conn.streaming_framing() else {
-        return relay_buffered(request, status, &out_headers, &mut reader, backend);
+    let no_body =
+        conn.head_request || status == 204 || status == 304 || (100..200).contains(&status);
+    let framing = if no_body {
+        Some(Framing::None)
+    } else {
+        conn.streaming_framing()
+    };
+    let Some(framing) = framing else {
+        return relay_buffered(request, status, &out_headers, &mut reader, access);
     };
     let mut writer = BodyWriter::start(request, conn, status, &out_headers, framing);
     let mut buf = vec![0u8; READ_BUF];
-    loop {
-        match reader.read(&mut buf) {
+    let end = loop {
+        let n = if no_body {
+            Ok(0)
+        } else {
+            reader.read(&mut buf)
+        };
+        match n {
             Ok(0) => {
-                return match writer.finish() {
-                    Ok(bytes_out) => Outcome {
-                        status,
-                        bytes_out,
-                        end: End::Complete,
-                    },
-                    Err(_) => Outcome {
-                        status,
-                        bytes_out: 0,
-                        end: End::ClientGone,
-                    },
-                };
+                break if writer.finish_body().is_ok() {
+                    End::Complete
+                } else {
+                    End::ClientGone
+                }
             }
+            // A failed write means the client left. Returning drops `reader` half-read,
+            // which closes the backend connection: vLLM sees the disconnect and stops
+            // generating.
             Ok(n) => {
                 if writer.send(&buf[..n]).is_err() {
-                    // Returning drops `reader` half-read, which closes the backend
-                    // connection: vLLM sees the disconnect and stops generating.
-                    return Outcome {
-                        status,
-                        bytes_out: writer.bytes_out(),
-                        end: End::ClientGone,
-                    };
+                    break End::ClientGone;
                 }
             }
             Err(e) => {
-                let reason = e.to_string();
-                let bytes_out = writer.abort();
-                return Outcome {
-                    status,
-                    bytes_out,
-                    end: End::BackendBroke(reason),
-                };
+                writer.abort();
+                break End::BackendBroke(e.to_string());
             }
         }
-    }
+    };
+    access.bytes_out = writer.bytes_out();
+    access.first_byte = writer.first_byte();
+    end
 }
 
 /// HTTP/1.0 keep-alive clients need a Content-Length, so their reply is read whole
@@ -422,11 +419,10 @@ fn relay_buffered(
     status: u16,
     headers: &[(String, String)],
     reader: &mut impl Read,
-    backend: &str,
-) -> Outcome {
+    access: &mut Access,
+) -> End {
     let mut body = Vec::new();
-    let read = reader.take(MAX_BUFFERED + 1).read_to_end(&mut body);
-    let failure = match read {
+    let failure = match reader.take(MAX_BUFFERED + 1).read_to_end(&mut body) {
         Ok(n) if n as u64 > MAX_BUFFERED => Some(format!(
             "reply larger than {MAX_BUFFERED} bytes for an HTTP/1.0 client"
         )),
@@ -435,26 +431,16 @@ fn relay_buffered(
     };
     if let Some(reason) = failure {
         let err = RouterError::BadGateway {
-            backend: backend.to_owned(),
+            backend: access.backend.clone().unwrap_or_default(),
             reason: reason.clone(),
         };
-        let _ = wire::send_error(request, &err);
-        return Outcome {
-            status,
-            bytes_out: 0,
-            end: End::BackendBroke(reason),
-        };
+        reject(request, &err, access);
+        return End::BackendBroke(reason);
     }
-    match wire::send_full(request, status, headers, &body) {
-        Ok(()) => Outcome {
-            status,
-            bytes_out: body.len() as u64,
-            end: End::Complete,
-        },
-        Err(_) => Outcome {
-            status,
-            bytes_out: 0,
-            end: End::ClientGone,
-        },
+    if wire::send_full(request, status, headers, &body).is_err() {
+        return End::ClientGone;
     }
+    access.first_byte = Some(Instant::now());
+    access.bytes_out = body.len() as u64;
+    End::Complete
 }

@@ -15,6 +15,8 @@ use std::panic::{self, AssertUnwindSafe};
 use std::sync::Arc;
 use std::thread;
 
+use parking_lot::Mutex;
+
 use crate::config::Config;
 use crate::endpoints;
 use crate::relay;
@@ -45,19 +47,43 @@ pub fn worker_count(config: &Config) -> usize {
     (slots + config.settings.max_queue_size + RESERVE_WORKERS).min(MAX_AUTO_WORKERS)
 }
 
-/// A running server.
-pub struct Running {
-    pub addr: SocketAddr,
-    pub workers: Vec<thread::JoinHandle<()>>,
+/// The worker pool. It only grows: a reload that raises the capacity or the queue
+/// adds workers; threads are never taken away from requests that may be running.
+pub struct Pool {
+    server: Arc<tiny_http::Server>,
+    shared: Arc<Shared>,
+    size: Mutex<usize>,
 }
 
-/// Binds `host:port` and starts the worker pool.
+impl Pool {
+    /// Starts workers until the pool has `n`.
+    pub fn grow_to(&self, n: usize) -> Result<(), String> {
+        let mut size = self.size.lock();
+        while *size < n {
+            let i = *size;
+            let (server, shared) = (Arc::clone(&self.server), Arc::clone(&self.shared));
+            thread::Builder::new()
+                .name(format!("worker-{i}"))
+                .stack_size(WORKER_STACK)
+                .spawn(move || worker(&server, &shared))
+                .map_err(|e| format!("cannot start worker thread {i} of {n}: {e}"))?;
+            *size += 1;
+        }
+        Ok(())
+    }
+
+    pub fn size(&self) -> usize {
+        *self.size.lock()
+    }
+}
+
+/// Binds `host:port` and starts a pool of `workers` threads.
 pub fn start(
     shared: Arc<Shared>,
     host: &str,
     port: u16,
     workers: usize,
-) -> Result<Running, String> {
+) -> Result<(SocketAddr, Arc<Pool>), String> {
     let listener = TcpListener::bind((host, port))
         .map_err(|e| format!("cannot listen on {host}:{port}: {e}"))?;
     set_nodelay(&listener)
@@ -69,22 +95,13 @@ pub fn start(
         .map_err(|e| format!("bad listen address {addr}: {e}"))?;
     let server = tiny_http::Server::from_listener(listener, addr.into(), config)
         .map_err(|e| format!("cannot start the HTTP server on {addr}: {e}"))?;
-    let server = Arc::new(server);
-
-    let mut handles = Vec::with_capacity(workers);
-    for i in 0..workers {
-        let (server, shared) = (Arc::clone(&server), Arc::clone(&shared));
-        let handle = thread::Builder::new()
-            .name(format!("worker-{i}"))
-            .stack_size(WORKER_STACK)
-            .spawn(move || worker(&server, &shared))
-            .map_err(|e| format!("cannot start worker thread {i} of {workers}: {e}"))?;
-        handles.push(handle);
-    }
-    Ok(Running {
-        addr,
-        workers: handles,
-    })
+    let pool = Arc::new(Pool {
+        server: Arc::new(server),
+        shared,
+        size: Mutex::new(0),
+    });
+    pool.grow_to(workers)?;
+    Ok((addr, pool))
 }
 
 /// Accepted sockets inherit TCP_NODELAY from the listener on Linux, and tiny_http

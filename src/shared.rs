@@ -3,7 +3,7 @@
 //!
 //! | piece      | written by                                  | read by                    |
 //! |------------|---------------------------------------------|----------------------------|
-//! | `config`   | `main` at start (the reload thread, later)  | every request, at its start |
+//! | `config`   | `main` at start, then the reload thread     | every request, at its start |
 //! | `table`    | `admission` only (acquire, release, close)  | status endpoints (views)   |
 //! | `agent`    | nobody (ureq's pool is internally locked)   | `relay`                    |
 //! | `draining` | the signal handler, once                    | `/readyz`, workers         |
@@ -41,6 +41,12 @@ impl Shared {
     /// so a reload never changes the rules halfway through a request.
     pub fn config(&self) -> Arc<Config> {
         Arc::clone(&self.config.read())
+    }
+
+    /// Swaps in a reloaded config (reload thread). Requests already running keep
+    /// the snapshot they took.
+    pub fn replace_config(&self, config: Config) {
+        *self.config.write() = Arc::new(config);
     }
 
     /// Stops admitting requests: `/readyz` turns 503 and queued requests are refused.

@@ -15,6 +15,7 @@
 //! of a reply that looks complete.
 
 use std::io::{self, Write};
+use std::time::Instant;
 
 use tiny_http::{HTTPVersion, Request};
 
@@ -77,6 +78,7 @@ pub struct BodyWriter {
     framing: Framing,
     pending: Vec<u8>,
     bytes_out: u64,
+    first_byte: Option<Instant>,
 }
 
 impl BodyWriter {
@@ -100,6 +102,7 @@ impl BodyWriter {
             framing,
             pending: head,
             bytes_out: 0,
+            first_byte: None,
         }
     }
 
@@ -122,33 +125,38 @@ impl BodyWriter {
     }
 
     /// Ends the body properly.
-    pub fn finish(mut self) -> io::Result<u64> {
+    pub fn finish_body(&mut self) -> io::Result<()> {
         if self.framing == Framing::Chunked {
             self.pending.extend_from_slice(b"0\r\n\r\n");
         }
-        self.push()?;
-        Ok(self.bytes_out)
+        self.push()
     }
 
     /// Ends the reply so that the client cannot take it for complete: an invalid chunk
     /// header makes any HTTP/1.1 client fail the response and drop the connection.
-    pub fn abort(mut self) -> u64 {
+    pub fn abort(&mut self) {
         if self.framing == Framing::Chunked {
             self.pending
                 .extend_from_slice(b"ROUTER-ABORTED: the backend failed mid-reply\r\n\r\n");
             let _ = self.push();
         }
+    }
+
+    /// Body bytes sent, not counting framing.
+    pub fn bytes_out(&self) -> u64 {
         self.bytes_out
     }
 
-    pub fn bytes_out(&self) -> u64 {
-        self.bytes_out
+    /// When the first bytes (head and first chunk) left for the client.
+    pub fn first_byte(&self) -> Option<Instant> {
+        self.first_byte
     }
 
     fn push(&mut self) -> io::Result<()> {
         if !self.pending.is_empty() {
             self.out.write_all(&self.pending)?;
             self.pending.clear();
+            self.first_byte.get_or_insert_with(Instant::now);
         }
         self.out.flush()
     }
@@ -178,9 +186,14 @@ pub fn send_full(
     request.respond(response)
 }
 
-/// Answers with one of the router's own errors.
-pub fn send_error(request: Request, err: &RouterError) -> io::Result<()> {
+/// Answers with one of the router's own errors, adding `extra` headers.
+pub fn send_error(
+    request: Request,
+    err: &RouterError,
+    extra: &[(String, String)],
+) -> io::Result<()> {
     let mut headers = vec![("Content-Type".to_owned(), "application/json".to_owned())];
+    headers.extend_from_slice(extra);
     if let Some(secs) = err.retry_after() {
         headers.push(("Retry-After".to_owned(), secs.to_string()));
     }

@@ -1,0 +1,132 @@
+//! The access log: one entry per proxied request, written once when the request ends
+//! (whatever way it ends), and the request id that ties the entry to the client's and
+//! the backend's view of the same request.
+//!
+//! Entries go to the `access` log target at info level, with every figure as a
+//! structured field (see `logging`). They carry the path without its query string, and
+//! never a header or a body: an API key or a prompt cannot reach the log through them.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+/// The header that carries the request id, in both directions.
+pub const REQUEST_ID_HEADER: &str = "X-Request-Id";
+
+/// What is known about a request so far; logged once, by `finish`.
+pub struct Access {
+    pub request_id: String,
+    pub method: String,
+    /// The path, without the query string (which may hold credentials).
+    pub path: String,
+    pub model: Option<String>,
+    pub backend: Option<String>,
+    pub status: u16,
+    pub retries: u32,
+    pub queue_wait: Duration,
+    /// When the first byte of the reply went to the client.
+    pub first_byte: Option<Instant>,
+    pub bytes_out: u64,
+    pub stream: bool,
+    /// `complete`, `client_gone`, `backend_broke`, or the router's error code.
+    pub outcome: &'static str,
+    started: Instant,
+}
+
+impl Access {
+    pub fn start(method: &str, target: &str, client_request_id: Option<&str>) -> Access {
+        Access {
+            request_id: client_request_id
+                .filter(|id| valid_request_id(id))
+                .map_or_else(new_request_id, str::to_owned),
+            method: method.to_owned(),
+            path: target.split('?').next().unwrap_or("").to_owned(),
+            model: None,
+            backend: None,
+            status: 0,
+            retries: 0,
+            queue_wait: Duration::ZERO,
+            first_byte: None,
+            bytes_out: 0,
+            stream: false,
+            outcome: "complete",
+            started: Instant::now(),
+        }
+    }
+
+    /// Writes the entry.
+    pub fn finish(self) {
+        let ms = |d: Duration| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
+        let duration = ms(self.started.elapsed());
+        let ttfb = self.first_byte.map(|t| ms(t.duration_since(self.started)));
+        // The message is short: the human log appends every field as key=value, and
+        // the structured log carries them as JSON fields.
+        let model = self.model.as_deref().unwrap_or("-");
+        let backend = self.backend.as_deref().unwrap_or("-");
+        log::info!(
+            target: crate::logging::ACCESS_TARGET,
+            request_id = self.request_id.as_str(),
+            method = self.method.as_str(),
+            path = self.path.as_str(),
+            model = model,
+            backend = backend,
+            status = self.status,
+            retries = self.retries,
+            queue_wait_ms = ms(self.queue_wait),
+            ttfb_ms = ttfb.unwrap_or(-1.0),
+            duration_ms = duration,
+            bytes_out = self.bytes_out,
+            stream = self.stream,
+            outcome = self.outcome;
+            "{} {} {}",
+            self.method,
+            self.path,
+            self.status
+        );
+    }
+}
+
+/// A client's request id is reused when it is short and plain; anything else could
+/// carry junk into logs and backend headers, so a new one is made instead.
+fn valid_request_id(id: &str) -> bool {
+    (1..=128).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b))
+}
+
+/// A new id, unique in this process and unlikely to repeat across restarts.
+fn new_request_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let epoch = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64);
+    format!("{epoch:x}-{:x}-{n:x}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_reused_only_when_plain() {
+        assert_eq!(
+            Access::start("GET", "/x", Some("abc-123_x.y:z")).request_id,
+            "abc-123_x.y:z"
+        );
+        for bad in ["", "has space", "new\nline", &"x".repeat(129)] {
+            let id = Access::start("GET", "/x", Some(bad)).request_id;
+            assert_ne!(id, bad);
+            assert!(valid_request_id(&id), "{id}");
+        }
+        assert_ne!(new_request_id(), new_request_id());
+    }
+
+    #[test]
+    fn the_query_string_stays_out_of_the_path() {
+        assert_eq!(
+            Access::start("POST", "/v1/x?api_key=secret", None).path,
+            "/v1/x"
+        );
+    }
+}

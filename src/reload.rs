@@ -1,0 +1,130 @@
+//! The reload thread: applies edits of `servers.toml` while the router serves.
+//!
+//! Every `config_reload_interval`, and at once on SIGHUP, it reads the file by path
+//! and compares its bytes with the last version it saw, so an edit is noticed whatever
+//! its mtime and however it was saved (an editor's write-and-rename included). A valid
+//! new file is applied in one step: the config snapshot is swapped (`Shared::replace_config`)
+//! and the server list merged into the slot table (`Table::apply_servers`). An invalid
+//! one changes nothing: the router keeps serving with the old config and logs the
+//! error with file, line and column, once per distinct bad version.
+//!
+//! It is the only writer of the config after start-up.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::thread;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError};
+
+use crate::config::{self, Config};
+use crate::server::{self, Pool};
+use crate::shared::Shared;
+
+/// Starts the reload thread; each message on `now` (SIGHUP) triggers a check at once.
+pub fn spawn(
+    shared: Arc<Shared>,
+    pool: Arc<Pool>,
+    path: PathBuf,
+    now: Receiver<()>,
+) -> std::io::Result<thread::JoinHandle<()>> {
+    thread::Builder::new()
+        .name("reload".to_owned())
+        .spawn(move || {
+            let mut reloader = Reloader {
+                last_seen: std::fs::read(&path).ok(),
+                shared,
+                pool,
+                path,
+            };
+            loop {
+                let interval = reloader.shared.config().settings.config_reload_interval;
+                let forced = match now.recv_timeout(interval) {
+                    Ok(()) => true,
+                    Err(RecvTimeoutError::Timeout) => false,
+                    Err(RecvTimeoutError::Disconnected) => return,
+                };
+                reloader.check(forced);
+            }
+        })
+}
+
+struct Reloader {
+    shared: Arc<Shared>,
+    pool: Arc<Pool>,
+    path: PathBuf,
+    /// The bytes of the last version read, applied or refused.
+    last_seen: Option<Vec<u8>>,
+}
+
+impl Reloader {
+    fn check(&mut self, forced: bool) {
+        let bytes = match std::fs::read(&self.path) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                if self.last_seen.take().is_some() || forced {
+                    log::error!(
+                        "config reload: cannot read {}: {e}; keeping the running config",
+                        self.path.display()
+                    );
+                }
+                return;
+            }
+        };
+        if self.last_seen.as_deref() == Some(&bytes[..]) {
+            if forced {
+                log::info!("config reload: {} is unchanged", self.path.display());
+            }
+            return;
+        }
+        self.last_seen = Some(bytes.clone());
+        let text = String::from_utf8_lossy(&bytes);
+        match config::parse(&text, &self.path) {
+            Ok(new) => self.apply(new),
+            Err(e) => log::error!("config reload failed, keeping the running config: {e}"),
+        }
+    }
+
+    fn apply(&self, new: Config) {
+        let old = self.shared.config();
+        let trusted = !new.settings.enable_active_health_check;
+        let changes = self.shared.table.apply_servers(&new.servers, trusted);
+        let settings = old.settings.changed_keys(&new.settings);
+        if old.settings.host != new.settings.host || old.settings.port != new.settings.port {
+            log::warn!("config reload: host or port changed in the file; restart the router to listen there");
+        }
+        let workers = server::worker_count(&new);
+        self.shared.replace_config(new);
+        if let Err(e) = self.pool.grow_to(workers) {
+            log::error!("config reload: {e}");
+        }
+        if changes.is_empty() && settings.is_empty() {
+            log::info!(
+                "config reloaded from {}: nothing changed",
+                self.path.display()
+            );
+            return;
+        }
+        let mut what = Vec::new();
+        what.extend(changes.added.iter().map(|u| format!("added {u}")));
+        what.extend(
+            changes
+                .removed
+                .iter()
+                .map(|u| format!("removed {u} (in-flight requests finish)")),
+        );
+        what.extend(
+            changes
+                .resized
+                .iter()
+                .map(|(u, a, b)| format!("{u} capacity {a} -> {b}")),
+        );
+        if !settings.is_empty() {
+            what.push(format!("changed {}", settings.join(", ")));
+        }
+        log::info!(
+            "config reloaded from {}: {}",
+            self.path.display(),
+            what.join("; ")
+        );
+    }
+}
