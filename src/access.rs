@@ -29,6 +29,8 @@ pub struct Access {
     pub stream: bool,
     /// `complete`, `client_gone`, `backend_broke`, or the router's error code.
     pub outcome: &'static str,
+    /// Why the router answered without a backend, when it did (a metrics label).
+    pub rejected: Option<&'static str>,
     started: Instant,
 }
 
@@ -49,15 +51,24 @@ impl Access {
             bytes_out: 0,
             stream: false,
             outcome: "complete",
+            rejected: None,
             started: Instant::now(),
         }
+    }
+
+    pub fn elapsed(&self) -> Duration {
+        self.started.elapsed()
+    }
+
+    pub fn time_to_first_byte(&self) -> Option<Duration> {
+        self.first_byte.map(|t| t.duration_since(self.started))
     }
 
     /// Writes the entry.
     pub fn finish(self) {
         let ms = |d: Duration| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
         let duration = ms(self.started.elapsed());
-        let ttfb = self.first_byte.map(|t| ms(t.duration_since(self.started)));
+        let ttfb = self.time_to_first_byte().map(ms);
         // The message is short: the human log appends every field as key=value, and
         // the structured log carries them as JSON fields.
         let model = self.model.as_deref().unwrap_or("-");

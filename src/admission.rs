@@ -19,6 +19,11 @@
 //! names what it wants (`Want`: a model, and backends already tried) and only matching
 //! healthy backends are considered, in the queue as well.
 //!
+//! How busy a backend is (`Entry::load`) is the larger of this router's in-flight count
+//! and the load the backend itself reported in its `/metrics` (which includes other
+//! router replicas), corrected for what this router admitted since that report. The
+//! cap `max_concurrent_requests` applies to that number.
+//!
 //! In-flight counts change only here, in `Table::acquire`, `dispatch` and
 //! `Table::release` (called by `Slot::drop`). A `Slot` is released exactly once, on
 //! every path a request can take: success, error, client gone, or a panic unwinding
@@ -72,6 +77,8 @@ struct Entry {
     /// Model ids from its `/v1/models`; `None` until first learned (serves any model).
     models: Option<Arc<Vec<serde_json::Value>>>,
     checks: CheckStats,
+    /// The backend's own count of its requests, from its `/metrics` (health thread).
+    reported: Option<ReportedLoad>,
     /// Removed by a reload: takes no new requests, forgotten once its last slot is back.
     removed: bool,
     admitted_total: u64,
@@ -85,6 +92,28 @@ pub struct CheckStats {
     pub success_rate: Option<f64>,
     pub last_check: Option<std::time::SystemTime>,
     pub last_latency: Option<Duration>,
+}
+
+/// A backend's load as its own `/metrics` reported it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reported {
+    /// `vllm:num_requests_running`, summed over its label sets.
+    pub running: f64,
+    /// `vllm:num_requests_waiting`, summed over its label sets.
+    pub waiting: f64,
+    /// `vllm:kv_cache_usage_perc` (or the older `vllm:gpu_cache_usage_perc`), 0 to 1.
+    pub kv_cache_usage: Option<f64>,
+    pub scraped_at: std::time::SystemTime,
+}
+
+#[derive(Debug, Clone)]
+struct ReportedLoad {
+    report: Reported,
+    /// This router's in-flight count when the scrape was sent: requests admitted or
+    /// finished since then correct the report.
+    own_at_scrape: u32,
+    /// Past this the report is too old to trust, and the router's own count decides.
+    fresh_until: Instant,
 }
 
 /// What a request asks of a backend.
@@ -191,6 +220,9 @@ pub struct BackendView {
     pub down_by_requests_until: Option<Instant>,
     pub models: Vec<String>,
     pub checks: CheckStats,
+    pub reported: Option<Reported>,
+    /// The load admission counts: see `Entry::load`.
+    pub load: u32,
     pub admitted_total: u64,
 }
 
@@ -381,6 +413,8 @@ impl Table {
                     down_by_requests_until: e.down_by_requests_until,
                     models: e.model_ids(),
                     checks: e.checks.clone(),
+                    reported: e.reported.as_ref().map(|r| r.report.clone()),
+                    load: e.load(Instant::now()),
                     admitted_total: e.admitted_total,
                 })
                 .collect(),
@@ -402,6 +436,15 @@ impl Table {
     /// Whether some healthy backend could serve `want` (room or not).
     pub fn can_serve(&self, want: &Want) -> bool {
         self.inner.lock().entries.iter().any(|e| e.usable(want))
+    }
+
+    /// Whether some backend, healthy or not, lists `model`.
+    pub fn is_known_model(&self, model: &str) -> bool {
+        let inner = self.inner.lock();
+        inner
+            .entries
+            .iter()
+            .any(|e| e.models.is_some() && e.may_serve(model))
     }
 
     /// The model objects of every healthy backend, each id once, in backend order.
@@ -456,6 +499,27 @@ impl Table {
         if let Some(e) = inner.entry_mut(id) {
             e.models = Some(Arc::new(models));
         }
+        inner.dispatch();
+    }
+
+    /// Records the load a backend reported (health thread); `None` when its metrics
+    /// could not be read, so the router's own count decides. `own_at_scrape` is this
+    /// router's in-flight count when the scrape was sent; the report is trusted for
+    /// `fresh_for`.
+    pub fn set_reported(
+        &self,
+        id: BackendId,
+        report: Option<Reported>,
+        own_at_scrape: u32,
+        fresh_for: Duration,
+    ) {
+        let mut inner = self.inner.lock();
+        let Some(e) = inner.entry_mut(id) else { return };
+        e.reported = report.map(|report| ReportedLoad {
+            report,
+            own_at_scrape,
+            fresh_until: Instant::now() + fresh_for,
+        });
         inner.dispatch();
     }
 
@@ -520,8 +584,25 @@ impl Entry {
             && want.model.as_deref().is_none_or(|m| self.may_serve(m))
     }
 
-    fn has_room(&self, want: &Want) -> bool {
-        self.usable(want) && self.in_flight < self.max_concurrent
+    fn has_room(&self, want: &Want, now: Instant) -> bool {
+        self.usable(want) && self.load(now) < self.max_concurrent
+    }
+
+    /// How busy the backend counts as: the larger of this router's in-flight count
+    /// and what the backend itself last reported (running + waiting, over every router
+    /// that uses it), corrected by the change in this router's own count since that
+    /// scrape. A report older than its freshness bound is ignored.
+    fn load(&self, now: Instant) -> u32 {
+        let Some(r) = self.reported.as_ref().filter(|r| now < r.fresh_until) else {
+            return self.in_flight;
+        };
+        let reported = (r.report.running + r.report.waiting)
+            .max(0.0)
+            .ceil()
+            .min(f64::from(u32::MAX)) as i64;
+        let corrected = reported + i64::from(self.in_flight) - i64::from(r.own_at_scrape);
+        self.in_flight
+            .max(corrected.clamp(0, i64::from(u32::MAX)) as u32)
     }
 
     /// A backend whose models are not known yet may serve any model.
@@ -544,34 +625,36 @@ impl Entry {
 }
 
 impl Inner {
-    /// The least-loaded backend with room (by in_flight / max_concurrent); among equals
+    /// The least-loaded backend with room (by load / max_concurrent); among equals
     /// the first one at or after `rotation`.
     fn pick(&mut self, want: &Want) -> Option<usize> {
         let n = self.entries.len();
         if n == 0 {
             return None;
         }
+        let now = Instant::now();
         let start = self.rotation % n;
-        let mut best: Option<usize> = None;
+        let mut best: Option<(usize, u32)> = None;
         for k in 0..n {
             let idx = (start + k) % n;
             let e = &self.entries[idx];
-            if !e.has_room(want) {
+            if !e.has_room(want, now) {
                 continue;
             }
+            let load = e.load(now);
             let better = match best {
                 None => true,
-                Some(b) => {
-                    let b = &self.entries[b];
-                    // e.in_flight / e.max < b.in_flight / b.max, without division.
-                    u64::from(e.in_flight) * u64::from(b.max_concurrent)
-                        < u64::from(b.in_flight) * u64::from(e.max_concurrent)
+                // load / max < best load / best max, without division.
+                Some((b, b_load)) => {
+                    u64::from(load) * u64::from(self.entries[b].max_concurrent)
+                        < u64::from(b_load) * u64::from(e.max_concurrent)
                 }
             };
             if better {
-                best = Some(idx);
+                best = Some((idx, load));
             }
         }
+        let best = best.map(|(idx, _)| idx);
         if best.is_some() {
             self.rotation = self.rotation.wrapping_add(1);
         }
@@ -584,10 +667,11 @@ impl Inner {
     fn dispatch(&mut self) {
         let mut i = 0;
         while i < self.queue.len() {
+            let now = Instant::now();
             if !self
                 .entries
                 .iter()
-                .any(|e| e.healthy && !e.removed && e.in_flight < e.max_concurrent)
+                .any(|e| e.has_room(&Want::default(), now))
             {
                 return;
             }
@@ -621,6 +705,7 @@ impl Inner {
             down_by_requests_until: None,
             models: None,
             checks: CheckStats::default(),
+            reported: None,
             removed: false,
             admitted_total: 0,
         });

@@ -64,6 +64,9 @@ pub struct Settings {
     pub worker_threads: usize,
     pub max_body_bytes: u64,
     pub shutdown_timeout: Duration,
+    /// How often each backend's `/metrics` is read for its own load; zero turns the
+    /// backend-reported load off.
+    pub backend_metrics_interval: Duration,
     /// `None` leaves the choice to the caller (command line or its default).
     pub host: Option<String>,
     pub port: Option<u16>,
@@ -91,6 +94,7 @@ impl Default for Settings {
             worker_threads: 0,
             max_body_bytes: 32 * 1024 * 1024,
             shutdown_timeout: Duration::from_secs(30),
+            backend_metrics_interval: Duration::from_secs(2),
             host: None,
             port: None,
             log_level: None,
@@ -304,6 +308,9 @@ const KEYS: &[Key] = &[
     Key { name: "shutdown_timeout",
         set: |s, v| v.secs(POSITIVE).map(|d| s.shutdown_timeout = d),
         show: |s| secs(s.shutdown_timeout) },
+    Key { name: "backend_metrics_interval",
+        set: |s, v| v.secs(ZERO_OK).map(|d| s.backend_metrics_interval = d),
+        show: |s| secs(s.backend_metrics_interval) },
     Key { name: "host",
         set: |s, v| v.host().map(|h| s.host = Some(h)),
         show: |s| s.host.clone().unwrap_or_else(|| UNSET.into()) },

@@ -1,5 +1,6 @@
 //! The router's own endpoints, answered without touching a backend: `/health`,
-//! `/livez`, `/readyz` and `/load-stats`. Everything else is proxied.
+//! `/livez`, `/readyz`, `/load-stats`, `/metrics` and `GET /v1/models`. Everything
+//! else is proxied.
 //!
 //! They read a snapshot of the slot table (`Table::view`), so they never wait behind a
 //! backend and stay fast when every backend is busy or hung.
@@ -18,6 +19,29 @@ use crate::wire;
 /// it back to be proxied.
 pub fn try_handle(request: Request, shared: &Arc<Shared>) -> Option<Request> {
     let path = request.url().split('?').next().unwrap_or("").to_owned();
+    if path == "/metrics" {
+        let result = if matches!(request.method(), Method::Get | Method::Head) {
+            let config = shared.config();
+            let text = shared
+                .metrics
+                .render(&shared.table.view(), config.settings.max_queue_size);
+            let headers = [(
+                "Content-Type".to_owned(),
+                "text/plain; version=0.0.4; charset=utf-8".to_owned(),
+            )];
+            wire::send_full(request, 200, &headers, text.as_bytes())
+        } else {
+            wire::send_error(
+                request,
+                &RouterError::MethodNotAllowed { allow: "GET, HEAD" },
+                &[],
+            )
+        };
+        if let Err(e) = result {
+            log::debug!("could not answer /metrics: {e}");
+        }
+        return None;
+    }
     let answer: fn(&Shared) -> (u16, serde_json::Value) = match path.as_str() {
         "/health" => health,
         "/livez" => |_| (200, json!({ "status": "alive" })),
@@ -64,6 +88,11 @@ fn server_json(b: &BackendView) -> serde_json::Value {
         "last_check_unix": b.checks.last_check.and_then(unix),
         "last_check_latency_ms": b.checks.last_latency.map(|d| d.as_secs_f64() * 1000.0),
         "models": b.models,
+        "load": b.load,
+        "backend_running": b.reported.as_ref().map(|r| r.running),
+        "backend_waiting": b.reported.as_ref().map(|r| r.waiting),
+        "backend_kv_cache_usage": b.reported.as_ref().and_then(|r| r.kv_cache_usage),
+        "backend_metrics_at_unix": b.reported.as_ref().and_then(|r| unix(r.scraped_at)),
     })
 }
 

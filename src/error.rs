@@ -89,6 +89,17 @@ impl RouterError {
         }
     }
 
+    /// Whether the router answered without involving a backend (as opposed to a
+    /// backend that failed).
+    pub fn is_rejection(&self) -> bool {
+        !matches!(
+            self,
+            RouterError::BadGateway { .. }
+                | RouterError::GatewayTimeout { .. }
+                | RouterError::Internal
+        )
+    }
+
     /// Seconds a client should wait before trying again, for the capacity errors.
     pub fn retry_after(&self) -> Option<u64> {
         match self {

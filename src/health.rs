@@ -30,7 +30,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use crate::admission::{BackendId, BackendView, CheckStats, NOT_CHECKED};
+use crate::admission::{BackendId, BackendView, CheckStats, Reported, NOT_CHECKED};
 use crate::config::Settings;
 use crate::shared::Shared;
 
@@ -62,6 +62,7 @@ struct Track {
     probing: bool,
     last_probe: Option<Instant>,
     models_fetched: Option<Instant>,
+    last_scrape: Option<Instant>,
 }
 
 #[derive(Clone, Copy)]
@@ -76,6 +77,9 @@ struct Report {
     /// `None` when only the models were fetched.
     check: Option<Result<Duration, String>>,
     models: Option<Vec<serde_json::Value>>,
+    /// `Some` when `/metrics` was read: the parsed load (`None` when unreadable) and
+    /// this router's in-flight count when the scrape was sent.
+    load: Option<(Option<Reported>, u32)>,
 }
 
 fn run(shared: &Arc<Shared>) {
@@ -118,28 +122,48 @@ fn start_probe_if_due(
                 .last_probe
                 .is_none_or(|t| now >= t + s.health_check_interval)
     };
-    let models_due = track
+    // Models are read for a backend that is up or about to be checked: at its first
+    // check, after it recovers (`models_fetched` reset), and when the list is stale.
+    let models_wanted = track
         .models_fetched
         .is_none_or(|t| now >= t + MODELS_REFRESH);
-    let fetch_models_only = models_due && b.healthy;
-    if !check_due && !fetch_models_only {
+    let models_due = models_wanted && (b.healthy || check_due);
+    let scrape_every = s.backend_metrics_interval;
+    let scrape_due = b.healthy
+        && !scrape_every.is_zero()
+        && track.last_scrape.is_none_or(|t| now >= t + scrape_every);
+    if !check_due && !models_due && !scrape_due {
         return;
     }
     track.probing = true;
-    track.last_probe = Some(now);
-    let (shared, tx, id, url) = (Arc::clone(shared), tx.clone(), b.id, b.url.clone());
+    if check_due {
+        track.last_probe = Some(now);
+    }
+    if scrape_due {
+        track.last_scrape = Some(now);
+    }
+    let (shared, tx, id, url, own, healthy) = (
+        Arc::clone(shared),
+        tx.clone(),
+        b.id,
+        b.url.clone(),
+        b.in_flight,
+        b.healthy,
+    );
     let timeout = s.health_check_timeout;
     let spawned = thread::Builder::new()
         .name("health-probe".to_owned())
         .spawn(move || {
-            let check = check_due.then(|| check_health(&shared.agent, &url, timeout));
-            let healthy_now = check.as_ref().is_none_or(|c| c.is_ok());
-            let models = (healthy_now && (models_due || check.is_some()))
-                .then(|| fetch_models(&shared.agent, &url, timeout));
+            let agent = &shared.agent;
+            let check = check_due.then(|| check_health(agent, &url, timeout));
+            let up = check.as_ref().map_or(healthy, |c| c.is_ok());
+            let models = (up && models_due).then(|| fetch_models(agent, &url, timeout));
+            let load = (up && scrape_due).then(|| (scrape_load(agent, &url, timeout), own));
             let _ = tx.send(Report {
                 id,
                 check,
                 models: models.flatten(),
+                load,
             });
         });
     if let Err(e) = spawned {
@@ -168,6 +192,14 @@ fn collect_reports(
         if let Some(models) = report.models {
             track.models_fetched = Some(Instant::now());
             shared.table.set_models(report.id, models);
+        }
+        if let Some((load, own_at_scrape)) = report.load {
+            // Trusted for a few scrape intervals: a backend whose metrics stop
+            // answering soon falls back to the router's own count.
+            let fresh_for = s.backend_metrics_interval * 3 + s.health_check_timeout;
+            shared
+                .table
+                .set_reported(report.id, load, own_at_scrape, fresh_for);
         }
         if let Some(check) = report.check {
             apply_check(shared, report.id, track, check, s);
@@ -213,6 +245,9 @@ fn apply_check(
     else {
         return;
     };
+    shared
+        .metrics
+        .observe_health_check(&backend.url, sample.ok, sample.latency);
     let change = decide(&backend, track, &check, sample, s);
     let ok_count = track.window.iter().filter(|s| s.ok).count();
     let stats = CheckStats {
@@ -341,6 +376,58 @@ fn fetch_models(
     )
 }
 
+/// `GET {url}/metrics`: the backend's own load, or `None` when it cannot be read.
+fn scrape_load(agent: &ureq::Agent, url: &str, timeout: Duration) -> Option<Reported> {
+    let mut response = get(agent, &format!("{url}/metrics"), timeout).ok()?;
+    if response.status().as_u16() != 200 {
+        return None;
+    }
+    let text = response.body_mut().read_to_string().ok()?;
+    parse_vllm_metrics(&text)
+}
+
+/// Reads vLLM's load gauges from Prometheus text: running and waiting requests summed
+/// over their label sets (one per model), and the KV-cache use under either name vLLM
+/// has used. `None` unless at least the running count is there.
+fn parse_vllm_metrics(text: &str) -> Option<Reported> {
+    let (mut running, mut waiting, mut kv) = (None::<f64>, 0.0, None::<f64>);
+    for line in text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+    {
+        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
+        let after_labels = match line[name_end..].strip_prefix('{') {
+            Some(rest) => rest.rsplit_once('}').map_or("", |(_, v)| v),
+            None => &line[name_end..],
+        };
+        let Some(value) = after_labels
+            .split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<f64>().ok())
+        else {
+            continue;
+        };
+        if !value.is_finite() {
+            continue;
+        }
+        match &line[..name_end] {
+            "vllm:num_requests_running" => *running.get_or_insert(0.0) += value,
+            "vllm:num_requests_waiting" => waiting += value,
+            "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => {
+                kv = Some(kv.map_or(value, |k| k.max(value)))
+            }
+            _ => {}
+        }
+    }
+    Some(Reported {
+        running: running?,
+        waiting,
+        kv_cache_usage: kv,
+        scraped_at: SystemTime::now(),
+    })
+}
+
 fn get(
     agent: &ureq::Agent,
     url: &str,
@@ -389,6 +476,32 @@ mod tests {
             &Err("refused".into()),
             &s,
         )
+    }
+
+    #[test]
+    fn vllm_metrics_are_summed_over_label_sets() {
+        let text = "# HELP vllm:num_requests_running Number of requests running.\n\
+            # TYPE vllm:num_requests_running gauge\n\
+            vllm:num_requests_running{model_name=\"a\"} 3.0\n\
+            vllm:num_requests_running{model_name=\"b\",engine=\"0\"} 2\n\
+            vllm:num_requests_waiting{model_name=\"a\"} 4 1700000000000\n\
+            vllm:gpu_cache_usage_perc{model_name=\"a\"} 0.25\n\
+            vllm:kv_cache_usage_perc{model_name=\"b\"} 0.5\n\
+            vllm:num_requests_running_total 99\n";
+        let r = parse_vllm_metrics(text).expect("parsed");
+        assert_eq!(
+            (r.running, r.waiting, r.kv_cache_usage),
+            (5.0, 4.0, Some(0.5))
+        );
+        assert_eq!(
+            parse_vllm_metrics("up 1\n"),
+            None,
+            "no vLLM gauges: the router's own count decides"
+        );
+        assert_eq!(
+            parse_vllm_metrics("vllm:num_requests_running{x=\"1\"} nope\n"),
+            None
+        );
     }
 
     #[test]

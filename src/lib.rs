@@ -11,6 +11,7 @@ pub mod error;
 pub mod headers;
 pub mod health;
 pub mod logging;
+pub mod metrics;
 pub mod relay;
 pub mod reload;
 pub mod server;

@@ -55,6 +55,11 @@ pub fn handle(request: Request, shared: &Arc<Shared>) {
         client_id.as_deref(),
     );
     proxy(request, shared, &mut access);
+    let known_model = access
+        .model
+        .as_deref()
+        .is_some_and(|m| shared.table.is_known_model(m));
+    shared.metrics.observe_request(&access, known_model);
     access.finish();
 }
 
@@ -274,6 +279,9 @@ impl SendFailure {
 fn reject(request: Request, err: &RouterError, access: &mut Access) {
     access.status = err.status();
     access.outcome = err.code();
+    if err.is_rejection() {
+        access.rejected = Some(err.code());
+    }
     let id = [(
         access::REQUEST_ID_HEADER.to_owned(),
         access.request_id.clone(),

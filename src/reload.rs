@@ -79,8 +79,14 @@ impl Reloader {
         self.last_seen = Some(bytes.clone());
         let text = String::from_utf8_lossy(&bytes);
         match config::parse(&text, &self.path) {
-            Ok(new) => self.apply(new),
-            Err(e) => log::error!("config reload failed, keeping the running config: {e}"),
+            Ok(new) => {
+                self.shared.metrics.observe_reload(true);
+                self.apply(new);
+            }
+            Err(e) => {
+                self.shared.metrics.observe_reload(false);
+                log::error!("config reload failed, keeping the running config: {e}");
+            }
         }
     }
 

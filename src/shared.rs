@@ -6,6 +6,7 @@
 //! | `config`   | `main` at start, then the reload thread     | every request, at its start |
 //! | `table`    | `admission` only (acquire, release, close)  | status endpoints (views)   |
 //! | `agent`    | nobody (ureq's pool is internally locked)   | `relay`                    |
+//! | `metrics`  | workers, health and reload threads (counts) | `/metrics`                 |
 //! | `draining` | the signal handler, once                    | `/readyz`, workers         |
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -16,11 +17,13 @@ use parking_lot::RwLock;
 
 use crate::admission::Table;
 use crate::config::Config;
+use crate::metrics::Metrics;
 
 pub struct Shared {
     config: RwLock<Arc<Config>>,
     pub table: Arc<Table>,
     pub agent: ureq::Agent,
+    pub metrics: Metrics,
     pub started: Instant,
     draining: AtomicBool,
 }
@@ -32,6 +35,7 @@ impl Shared {
             config: RwLock::new(Arc::new(config)),
             table,
             agent: backend_agent(),
+            metrics: Metrics::default(),
             started: Instant::now(),
             draining: AtomicBool::new(false),
         })

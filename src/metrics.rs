@@ -1,0 +1,426 @@
+//! Prometheus metrics: every metric name is defined here, counted here, and written
+//! here in the text exposition format (version 0.0.4), by hand: the format is simple,
+//! a crate would add more code to the binary than this module has, and the test suite
+//! checks the output with `promtool check metrics` and a parser.
+//!
+//! Counters and histograms live in one `Mutex<Registry>`, updated once per request (by
+//! `relay`), once per health check (health thread) and once per reload (reload
+//! thread). Gauges (in-flight, capacity, health, queue, backend-reported load) are read
+//! from the slot table when `/metrics` is scraped. Series are keyed by backend URL, so
+//! the counters of a server that stays in the config survive a reload.
+//!
+//! Labels are bounded: backend URL (from the config), model (only models some backend
+//! lists, anything else is `other`), status class (`2xx`...), and fixed reason names.
+//! Never a request id, a path, or anything else a client chooses freely.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+
+use crate::access::Access;
+use crate::admission::TableView;
+
+/// Histogram buckets in seconds: LLM requests last from milliseconds (a cached error,
+/// a tokenize call) to minutes (a long generation).
+const BUCKETS: [f64; 16] = [
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
+
+#[derive(Default)]
+pub struct Metrics {
+    registry: Mutex<Registry>,
+}
+
+#[derive(Default)]
+struct Registry {
+    /// (backend, model, status class)
+    requests: BTreeMap<(String, String, &'static str), u64>,
+    duration: BTreeMap<String, Histogram>,
+    ttfb: BTreeMap<String, Histogram>,
+    queue_wait: Histogram,
+    rejected: BTreeMap<&'static str, u64>,
+    retries: BTreeMap<String, u64>,
+    /// (backend, "success" | "failure")
+    health_checks: BTreeMap<(String, &'static str), u64>,
+    health_check_duration: BTreeMap<String, Histogram>,
+    /// "success" | "failure"
+    reloads: BTreeMap<&'static str, u64>,
+}
+
+#[derive(Default, Clone)]
+struct Histogram {
+    counts: [u64; BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+impl Histogram {
+    fn observe(&mut self, d: Duration) {
+        let secs = d.as_secs_f64();
+        for (bucket, count) in BUCKETS.iter().zip(self.counts.iter_mut()) {
+            if secs <= *bucket {
+                *count += 1;
+            }
+        }
+        self.count += 1;
+        self.sum += secs;
+    }
+}
+
+impl Metrics {
+    /// Counts one finished request. `known_model` says whether some backend lists the
+    /// request's model (only those become label values).
+    pub fn observe_request(&self, access: &Access, known_model: bool) {
+        let mut r = self.registry.lock();
+        if let Some(reason) = access.rejected {
+            *r.rejected.entry(reason).or_default() += 1;
+        }
+        let Some(backend) = access.backend.clone() else {
+            return;
+        };
+        let model = match &access.model {
+            Some(m) if known_model => m.clone(),
+            Some(_) => "other".to_owned(),
+            None => "none".to_owned(),
+        };
+        *r.requests
+            .entry((backend.clone(), model, status_class(access.status)))
+            .or_default() += 1;
+        r.duration
+            .entry(backend.clone())
+            .or_default()
+            .observe(access.elapsed());
+        if let Some(ttfb) = access.time_to_first_byte() {
+            r.ttfb.entry(backend.clone()).or_default().observe(ttfb);
+        }
+        r.queue_wait.observe(access.queue_wait);
+        if access.retries > 0 {
+            *r.retries.entry(backend).or_default() += u64::from(access.retries);
+        }
+    }
+
+    pub fn observe_health_check(&self, backend: &str, ok: bool, took: Duration) {
+        let mut r = self.registry.lock();
+        let result = if ok { "success" } else { "failure" };
+        *r.health_checks
+            .entry((backend.to_owned(), result))
+            .or_default() += 1;
+        r.health_check_duration
+            .entry(backend.to_owned())
+            .or_default()
+            .observe(took);
+    }
+
+    pub fn observe_reload(&self, ok: bool) {
+        *self
+            .registry
+            .lock()
+            .reloads
+            .entry(if ok { "success" } else { "failure" })
+            .or_default() += 1;
+    }
+
+    /// The whole exposition, with gauges from `table`.
+    pub fn render(&self, table: &TableView, max_queue_size: usize) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        let r = self.registry.lock();
+
+        family(
+            &mut out,
+            "vllm_router_build_info",
+            "gauge",
+            "Version of the running router.",
+        );
+        let _ = writeln!(
+            out,
+            "vllm_router_build_info{{version=\"{}\"}} 1",
+            env!("CARGO_PKG_VERSION")
+        );
+
+        family(
+            &mut out,
+            "vllm_router_requests_total",
+            "counter",
+            "Proxied requests that reached a backend, by backend, model and status class.",
+        );
+        for ((backend, model, class), n) in &r.requests {
+            let labels = [
+                ("backend", backend.as_str()),
+                ("model", model),
+                ("status", class),
+            ];
+            sample(&mut out, "vllm_router_requests_total", &labels, *n as f64);
+        }
+        histograms(
+            &mut out,
+            "vllm_router_request_duration_seconds",
+            "Time from a request's arrival to the last byte of its reply, by backend.",
+            &r.duration,
+        );
+        histograms(
+            &mut out,
+            "vllm_router_time_to_first_byte_seconds",
+            "Time from a request's arrival to the first byte of its reply, by backend.",
+            &r.ttfb,
+        );
+        family(
+            &mut out,
+            "vllm_router_queue_wait_seconds",
+            "histogram",
+            "Time requests waited for a free backend slot.",
+        );
+        histogram(
+            &mut out,
+            "vllm_router_queue_wait_seconds",
+            &[],
+            &r.queue_wait,
+        );
+
+        family(
+            &mut out,
+            "vllm_router_rejected_requests_total",
+            "counter",
+            "Requests the router answered itself without a backend, by reason.",
+        );
+        for (reason, n) in &r.rejected {
+            sample(
+                &mut out,
+                "vllm_router_rejected_requests_total",
+                &[("reason", reason)],
+                *n as f64,
+            );
+        }
+        family(
+            &mut out,
+            "vllm_router_retries_total",
+            "counter",
+            "Requests sent again to another backend, by the backend that finally served them.",
+        );
+        for (backend, n) in &r.retries {
+            sample(
+                &mut out,
+                "vllm_router_retries_total",
+                &[("backend", backend)],
+                *n as f64,
+            );
+        }
+
+        family(
+            &mut out,
+            "vllm_router_queue_length",
+            "gauge",
+            "Requests waiting for a free slot.",
+        );
+        sample(
+            &mut out,
+            "vllm_router_queue_length",
+            &[],
+            table.queue_len as f64,
+        );
+        family(
+            &mut out,
+            "vllm_router_queue_capacity",
+            "gauge",
+            "max_queue_size.",
+        );
+        sample(
+            &mut out,
+            "vllm_router_queue_capacity",
+            &[],
+            max_queue_size as f64,
+        );
+
+        type Gauge = fn(&crate::admission::BackendView) -> Option<f64>;
+        let gauges: [(&str, &str, Gauge); 7] = [
+            (
+                "vllm_router_backend_in_flight",
+                "Requests this router has in flight on the backend.",
+                |b| Some(f64::from(b.in_flight)),
+            ),
+            (
+                "vllm_router_backend_capacity",
+                "max_concurrent_requests of the backend.",
+                |b| Some(f64::from(b.max_concurrent)),
+            ),
+            (
+                "vllm_router_backend_load",
+                "Load admission counts for the backend (own or backend-reported).",
+                |b| Some(f64::from(b.load)),
+            ),
+            (
+                "vllm_router_backend_healthy",
+                "1 when the backend takes traffic, else 0.",
+                |b| Some(if b.healthy { 1.0 } else { 0.0 }),
+            ),
+            (
+                "vllm_router_backend_reported_running",
+                "vllm:num_requests_running the backend reported.",
+                |b| b.reported.as_ref().map(|r| r.running),
+            ),
+            (
+                "vllm_router_backend_reported_waiting",
+                "vllm:num_requests_waiting the backend reported.",
+                |b| b.reported.as_ref().map(|r| r.waiting),
+            ),
+            (
+                "vllm_router_backend_kv_cache_usage_ratio",
+                "KV-cache use the backend reported, 0 to 1.",
+                |b| b.reported.as_ref().and_then(|r| r.kv_cache_usage),
+            ),
+        ];
+        for (name, help, value) in gauges {
+            family(&mut out, name, "gauge", help);
+            for b in &table.backends {
+                if let Some(v) = value(b) {
+                    sample(&mut out, name, &[("backend", &b.url)], v);
+                }
+            }
+        }
+
+        family(
+            &mut out,
+            "vllm_router_health_checks_total",
+            "counter",
+            "Active health checks, by backend and result.",
+        );
+        for ((backend, result), n) in &r.health_checks {
+            let labels = [("backend", backend.as_str()), ("result", result)];
+            sample(
+                &mut out,
+                "vllm_router_health_checks_total",
+                &labels,
+                *n as f64,
+            );
+        }
+        histograms(
+            &mut out,
+            "vllm_router_health_check_duration_seconds",
+            "Time active health checks took, by backend.",
+            &r.health_check_duration,
+        );
+        family(
+            &mut out,
+            "vllm_router_config_reloads_total",
+            "counter",
+            "Config reloads, by result.",
+        );
+        for result in ["success", "failure"] {
+            let n = r.reloads.get(result).copied().unwrap_or(0);
+            sample(
+                &mut out,
+                "vllm_router_config_reloads_total",
+                &[("result", result)],
+                n as f64,
+            );
+        }
+        out
+    }
+}
+
+fn status_class(status: u16) -> &'static str {
+    match status {
+        100..=199 => "1xx",
+        200..=299 => "2xx",
+        300..=399 => "3xx",
+        400..=499 => "4xx",
+        500..=599 => "5xx",
+        _ => "other",
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}");
+    let _ = writeln!(out, "# TYPE {name} {kind}");
+}
+
+fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: f64) {
+    out.push_str(name);
+    if !labels.is_empty() {
+        out.push('{');
+        for (i, (k, v)) in labels.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, "{k}=\"");
+            escape_label(out, v);
+            out.push('"');
+        }
+        out.push('}');
+    }
+    let _ = writeln!(out, " {value}");
+}
+
+/// Label values escape backslash, double quote and line feed.
+fn escape_label(out: &mut String, v: &str) {
+    for c in v.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+}
+
+fn histograms(out: &mut String, name: &str, help: &str, by_backend: &BTreeMap<String, Histogram>) {
+    family(out, name, "histogram", help);
+    for (backend, h) in by_backend {
+        histogram(out, name, &[("backend", backend)], h);
+    }
+}
+
+fn histogram(out: &mut String, name: &str, labels: &[(&str, &str)], h: &Histogram) {
+    let bucket = format!("{name}_bucket");
+    for (le, count) in BUCKETS.iter().zip(h.counts.iter()) {
+        let le = le.to_string();
+        let mut with_le = labels.to_vec();
+        with_le.push(("le", &le));
+        sample(out, &bucket, &with_le, *count as f64);
+    }
+    let mut with_le = labels.to_vec();
+    with_le.push(("le", "+Inf"));
+    sample(out, &bucket, &with_le, h.count as f64);
+    sample(out, &format!("{name}_sum"), labels, h.sum);
+    sample(out, &format!("{name}_count"), labels, h.count as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let mut h = Histogram::default();
+        for ms in [3, 30, 3000] {
+            h.observe(Duration::from_millis(ms));
+        }
+        let mut out = String::new();
+        histogram(&mut out, "x_seconds", &[("backend", "b\"1")], &h);
+        assert!(
+            out.contains("x_seconds_bucket{backend=\"b\\\"1\",le=\"0.005\"} 1\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_seconds_bucket{backend=\"b\\\"1\",le=\"0.05\"} 2\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_seconds_bucket{backend=\"b\\\"1\",le=\"+Inf\"} 3\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("x_seconds_count{backend=\"b\\\"1\"} 3\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(
+            [200, 404, 503, 101, 999].map(status_class),
+            ["2xx", "4xx", "5xx", "1xx", "other"]
+        );
+    }
+}
