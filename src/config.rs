@@ -138,14 +138,23 @@ impl std::error::Error for ConfigError {}
 
 /// Reads and validates the file at `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
-    let bytes = std::fs::read(path).map_err(|e| ConfigError::new(path, None, read_failure(&e)))?;
-    let text = String::from_utf8(bytes).map_err(|e| {
-        let valid = e.utf8_error().valid_up_to();
-        let prefix = String::from_utf8_lossy(e.as_bytes().get(..valid).unwrap_or_default());
+    from_bytes(&read(path)?, path)
+}
+
+/// Reads the config file's bytes, with an error that says how to fix a missing file.
+pub fn read(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|e| ConfigError::new(path, None, read_failure(&e)))
+}
+
+/// Validates a config file's bytes (UTF-8, then `parse`); `path` is only used in messages.
+pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Config, ConfigError> {
+    let text = std::str::from_utf8(bytes).map_err(|e| {
+        let valid = e.valid_up_to();
+        let prefix = String::from_utf8_lossy(bytes.get(..valid).unwrap_or_default());
         let at = Some(position(&prefix, valid));
         ConfigError::new(path, at, "config file is not valid UTF-8; save it as UTF-8")
     })?;
-    parse(&text, path)
+    parse(text, path)
 }
 
 /// Validates config `text`; `path` is only used in messages.

@@ -19,51 +19,61 @@ use crate::wire;
 /// it back to be proxied.
 pub fn try_handle(request: Request, shared: &Arc<Shared>) -> Option<Request> {
     let path = request.url().split('?').next().unwrap_or("").to_owned();
-    if path == "/metrics" {
-        let result = if matches!(request.method(), Method::Get | Method::Head) {
-            let config = shared.config();
-            let text = shared
-                .metrics
-                .render(&shared.table.view(), config.settings.max_queue_size);
-            let headers = [(
-                "Content-Type".to_owned(),
-                "text/plain; version=0.0.4; charset=utf-8".to_owned(),
-            )];
-            wire::send_full(request, 200, &headers, text.as_bytes())
-        } else {
-            wire::send_error(
-                request,
-                &RouterError::MethodNotAllowed { allow: "GET, HEAD" },
-                &[],
-            )
-        };
-        if let Err(e) = result {
-            log::debug!("could not answer /metrics: {e}");
-        }
-        return None;
-    }
-    let answer: fn(&Shared) -> (u16, serde_json::Value) = match path.as_str() {
-        "/health" => health,
-        "/livez" => |_| (200, json!({ "status": "alive" })),
-        "/readyz" => readyz,
-        "/load-stats" => load_stats,
-        "/v1/models" => models,
+    let answer: fn(&Shared) -> Answer = match path.as_str() {
+        "/health" => |s| Answer::json(health(s)),
+        "/livez" => |_| Answer::json((200, json!({ "status": "alive" }))),
+        "/readyz" => |s| Answer::json(readyz(s)),
+        "/load-stats" => |s| Answer::json(load_stats(s)),
+        "/v1/models" => |s| Answer::json(models(s)),
+        "/metrics" => metrics,
         _ => return Some(request),
     };
     let result = if matches!(request.method(), Method::Get | Method::Head) {
-        let (status, doc) = answer(shared);
-        wire::send_json(request, status, &doc)
+        let Answer {
+            status,
+            content_type,
+            body,
+        } = answer(shared);
+        let headers = [("Content-Type".to_owned(), content_type.to_owned())];
+        wire::send_full(request, status, &headers, &body)
     } else {
-        wire::send_error(
-            request,
-            &RouterError::MethodNotAllowed { allow: "GET, HEAD" },
-            &[],
-        )
+        let err = RouterError::MethodNotAllowed { allow: "GET, HEAD" };
+        wire::send_error(request, &err, &[]).map(|_| ())
     };
     if let Err(e) = result {
         log::debug!("could not answer {path}: {e}");
     }
     None
+}
+
+/// A reply of one of the router's own endpoints.
+struct Answer {
+    status: u16,
+    content_type: &'static str,
+    body: Vec<u8>,
+}
+
+impl Answer {
+    fn json((status, doc): (u16, serde_json::Value)) -> Answer {
+        Answer {
+            status,
+            content_type: "application/json",
+            body: doc.to_string().into_bytes(),
+        }
+    }
+}
+
+/// The Prometheus exposition.
+fn metrics(shared: &Shared) -> Answer {
+    let max_queue_size = shared.config().settings.max_queue_size;
+    Answer {
+        status: 200,
+        content_type: "text/plain; version=0.0.4; charset=utf-8",
+        body: shared
+            .metrics
+            .render(&shared.table.view(), max_queue_size)
+            .into_bytes(),
+    }
 }
 
 fn server_json(b: &BackendView) -> serde_json::Value {

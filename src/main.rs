@@ -61,8 +61,10 @@ fn check_config(args: CheckConfigArgs, env: &dyn Fn(&str) -> Option<String>) -> 
 /// gracefully on SIGTERM or SIGINT.
 fn run(args: RunArgs, env: &dyn Fn(&str) -> Option<String>) -> ExitCode {
     let path = cli::config_path(args.config.clone(), env);
-    let config = match config::load(&path) {
-        Ok(config) => config,
+    let loaded =
+        config::read(&path).and_then(|bytes| config::from_bytes(&bytes, &path).map(|c| (c, bytes)));
+    let (config, source) = match loaded {
+        Ok(loaded) => loaded,
         Err(e) => {
             eprintln!("{e}");
             eprintln!("vllm-router: refusing to start with an invalid config");
@@ -83,7 +85,14 @@ fn run(args: RunArgs, env: &dyn Fn(&str) -> Option<String>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    match serve(config, &path, &settings, args.pid_file.as_deref(), logs) {
+    match serve(
+        config,
+        source,
+        &path,
+        &settings,
+        args.pid_file.as_deref(),
+        logs,
+    ) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             log::error!("{e}");
@@ -95,6 +104,7 @@ fn run(args: RunArgs, env: &dyn Fn(&str) -> Option<String>) -> ExitCode {
 
 fn serve(
     config: config::Config,
+    source: Vec<u8>,
     path: &Path,
     settings: &cli::RunSettings,
     pid_file: Option<&Path>,
@@ -113,6 +123,7 @@ fn serve(
         Arc::clone(&shared),
         pool,
         path.to_owned(),
+        source,
         signals.reload.clone(),
     )
     .map_err(|e| format!("cannot start the reload thread: {e}"))?;

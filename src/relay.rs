@@ -185,10 +185,11 @@ impl Exchange<'_> {
             {
                 return result.map(|response| (slot, response)).map_err(|f| f.err);
             }
+            // The path only: a query string may hold credentials.
             log::debug!(
                 "{} {} on {} failed before reaching the client; retrying elsewhere",
                 self.method,
-                self.target,
+                self.target.split('?').next().unwrap_or(""),
                 slot.backend_url()
             );
             drop(result);
@@ -286,8 +287,14 @@ fn reject(request: Request, err: &RouterError, access: &mut Access) {
         access::REQUEST_ID_HEADER.to_owned(),
         access.request_id.clone(),
     )];
+    if let RouterError::QueueTimeout { waited } = err {
+        access.queue_wait = *waited;
+    }
     match wire::send_error(request, err, &id) {
-        Ok(()) => access.first_byte = Some(Instant::now()),
+        Ok(bytes) => {
+            access.first_byte = Some(Instant::now());
+            access.bytes_out = bytes;
+        }
         Err(e) => log::debug!("could not send the error reply: {e}"),
     }
 }

@@ -21,17 +21,20 @@ use crate::server::{self, Pool};
 use crate::shared::Shared;
 
 /// Starts the reload thread; each message on `now` (SIGHUP) triggers a check at once.
+/// `running` is the bytes the running config was parsed from, so an edit saved while
+/// the router was starting is still seen as a change.
 pub fn spawn(
     shared: Arc<Shared>,
     pool: Arc<Pool>,
     path: PathBuf,
+    running: Vec<u8>,
     now: Receiver<()>,
 ) -> std::io::Result<thread::JoinHandle<()>> {
     thread::Builder::new()
         .name("reload".to_owned())
         .spawn(move || {
             let mut reloader = Reloader {
-                last_seen: std::fs::read(&path).ok(),
+                last_seen: Some(running),
                 shared,
                 pool,
                 path,
@@ -58,14 +61,11 @@ struct Reloader {
 
 impl Reloader {
     fn check(&mut self, forced: bool) {
-        let bytes = match std::fs::read(&self.path) {
+        let bytes = match config::read(&self.path) {
             Ok(bytes) => bytes,
             Err(e) => {
                 if self.last_seen.take().is_some() || forced {
-                    log::error!(
-                        "config reload: cannot read {}: {e}; keeping the running config",
-                        self.path.display()
-                    );
+                    log::error!("config reload failed, keeping the running config: {e}");
                 }
                 return;
             }
@@ -77,8 +77,7 @@ impl Reloader {
             return;
         }
         self.last_seen = Some(bytes.clone());
-        let text = String::from_utf8_lossy(&bytes);
-        match config::parse(&text, &self.path) {
+        match config::from_bytes(&bytes, &self.path) {
             Ok(new) => {
                 self.shared.metrics.observe_reload(true);
                 self.apply(new);

@@ -186,12 +186,13 @@ pub fn send_full(
     request.respond(response)
 }
 
-/// Answers with one of the router's own errors, adding `extra` headers.
+/// Answers with one of the router's own errors, adding `extra` headers. Returns the
+/// size of the body sent.
 pub fn send_error(
     request: Request,
     err: &RouterError,
     extra: &[(String, String)],
-) -> io::Result<()> {
+) -> io::Result<u64> {
     let mut headers = vec![("Content-Type".to_owned(), "application/json".to_owned())];
     headers.extend_from_slice(extra);
     if let Some(secs) = err.retry_after() {
@@ -200,13 +201,9 @@ pub fn send_error(
     if let RouterError::MethodNotAllowed { allow } = err {
         headers.push(("Allow".to_owned(), (*allow).to_owned()));
     }
-    send_full(request, err.status(), &headers, err.body().as_bytes())
-}
-
-/// Sends a JSON document.
-pub fn send_json(request: Request, status: u16, doc: &serde_json::Value) -> io::Result<()> {
-    let headers = [("Content-Type".to_owned(), "application/json".to_owned())];
-    send_full(request, status, &headers, doc.to_string().as_bytes())
+    let body = err.body();
+    send_full(request, err.status(), &headers, body.as_bytes())?;
+    Ok(body.len() as u64)
 }
 
 fn write_head(

@@ -1,33 +1,19 @@
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock, RwLockWriteGuard};
-use std::thread::{self, JoinHandle};
+use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 
-use crate::support::{free_port, request, servers_toml, wait_until, Conn, Mock, Resp, Router};
+use crate::support::{
+    chat_for, free_port, post, servers_toml, wait_until, Conn, Load, Mock, Router, CHAT, CHAT_BODY,
+};
 
-const CHAT: &str = "/v1/chat/completions";
 /// No `model`: these requests may go to any backend, whatever models it serves.
-const CHAT_BODY: &str = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":2}"#;
 const STREAM_BODY: &str = r#"{"messages":[{"role":"user","content":"hi"}],"stream":true}"#;
 
 /// Starts the router without waiting for any health check: each test waits for what
 /// it needs itself.
 fn start_router(toml: &str) -> Router {
     Router::start_with(toml, &[], &[]).unwrap_or_else(|e| panic!("router did not start: {e}"))
-}
-
-fn chat_for(model: &str) -> String {
-    format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"max_tokens":2}}"#)
-}
-
-/// A JSON POST to the chat endpoint with extra headers.
-fn post(addr: SocketAddr, headers: &[(&str, &str)], body: &str) -> Resp {
-    let mut all = vec![("Content-Type", "application/json")];
-    all.extend_from_slice(headers);
-    request(addr, "POST", CHAT, &all, body.as_bytes())
 }
 
 fn unix_now() -> f64 {
@@ -57,80 +43,6 @@ fn next_check(router: &Router, i: usize, prev: Option<f64>) -> Value {
         at.is_some() && at != prev
     });
     entry
-}
-
-/// A steady load of sequential requests on a few client threads, counting anything
-/// but a 200 as a failure. `pause` holds every client between two requests, so a
-/// backend can be killed while no request is in flight.
-struct Load {
-    gate: Arc<RwLock<()>>,
-    stop: Arc<AtomicBool>,
-    served: Arc<AtomicUsize>,
-    failures: Arc<Mutex<Vec<String>>>,
-    threads: Vec<JoinHandle<()>>,
-}
-
-impl Load {
-    fn start(addr: SocketAddr, clients: usize) -> Load {
-        let gate = Arc::new(RwLock::new(()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let served = Arc::new(AtomicUsize::new(0));
-        let failures = Arc::new(Mutex::new(Vec::new()));
-        let threads = (0..clients)
-            .map(|_| {
-                let (gate, stop) = (Arc::clone(&gate), Arc::clone(&stop));
-                let (served, failures) = (Arc::clone(&served), Arc::clone(&failures));
-                thread::spawn(move || {
-                    while !stop.load(Ordering::SeqCst) {
-                        {
-                            let _in_flight = gate.read().expect("gate");
-                            let resp = post(addr, &[], CHAT_BODY);
-                            if resp.status != 200 {
-                                let failure = format!("{} {}", resp.status, resp.text());
-                                failures.lock().expect("failures").push(failure);
-                            }
-                            served.fetch_add(1, Ordering::SeqCst);
-                        }
-                        thread::sleep(Duration::from_millis(2));
-                    }
-                })
-            })
-            .collect();
-        Load {
-            gate,
-            stop,
-            served,
-            failures,
-            threads,
-        }
-    }
-
-    fn pause(&self) -> RwLockWriteGuard<'_, ()> {
-        self.gate.write().expect("gate")
-    }
-
-    fn served(&self) -> usize {
-        self.served.load(Ordering::SeqCst)
-    }
-
-    /// Stops the clients and returns every failure they saw.
-    fn stop(mut self) -> Vec<String> {
-        self.stop.store(true, Ordering::SeqCst);
-        let mut failures = std::mem::take(&mut *self.failures.lock().expect("failures"));
-        for t in self.threads.drain(..) {
-            if t.join().is_err() {
-                failures.push("a client thread panicked (no response?)".into());
-            }
-        }
-        failures.extend(self.failures.lock().expect("failures").drain(..));
-        failures
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-    }
 }
 
 #[test]

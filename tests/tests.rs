@@ -9,6 +9,10 @@ mod admission;
 mod cli;
 /// Health checks, passive health, retries and model-aware routing.
 mod health;
+/// Metrics and backend-reported load across router replicas.
+mod metrics;
+/// Live operations: hot reload, signals, graceful shutdown, logs.
+mod operations;
 /// Relaying: method, path, query, headers, bodies and backend errors, unchanged.
 mod proxy;
 /// Streaming: events arrive one by one; disconnects reach the backend and free slots.

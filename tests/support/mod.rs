@@ -9,8 +9,9 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{mpsc, Arc, Mutex, RwLock, RwLockWriteGuard};
+use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
 pub const ROUTER: &str = env!("CARGO_BIN_EXE_vllm-router");
@@ -150,6 +151,17 @@ impl Router {
     }
 
     pub fn start_with(toml: &str, args: &[&str], envs: &[(&str, &str)]) -> Result<Router, String> {
+        Router::launch(toml, args, envs, |_| {})
+    }
+
+    /// Writes the config into a fresh directory and starts the router on it, running
+    /// `during_startup` on another thread as soon as the process is spawned.
+    fn launch(
+        toml: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        during_startup: impl FnOnce(PathBuf) + Send + 'static,
+    ) -> Result<Router, String> {
         let dir = test_dir("router");
         let config = dir.join("servers.toml");
         std::fs::write(&config, toml).expect("write config");
@@ -171,7 +183,15 @@ impl Router {
             .arg(&config)
             .args(args)
             .stderr(Stdio::null());
-        match spawn_listening(cmd, "vllm-router") {
+        let racer = {
+            let dir = dir.clone();
+            std::thread::spawn(move || during_startup(dir))
+        };
+        let started = spawn_listening(cmd, "vllm-router");
+        racer
+            .join()
+            .map_err(|_| "the start-up hook panicked".to_owned())?;
+        match started {
             Ok((proc, addr)) => Ok(Router { proc, addr, dir }),
             Err(e) => Err(format!("{e}\n--- log ---\n{}", read_log(&dir))),
         }
@@ -472,5 +492,221 @@ impl Router {
             .collect();
         ids.sort();
         ids
+    }
+}
+
+// ---------------------------------------------------------------- operations
+
+impl Router {
+    /// The router's process id.
+    pub fn pid(&self) -> u32 {
+        self.proc.0.id()
+    }
+
+    /// Sends `sig` (`libc::SIGTERM`, ...) to the router process.
+    pub fn signal(&self, sig: libc::c_int) {
+        let pid = libc::pid_t::try_from(self.pid()).expect("pid fits pid_t");
+        // SAFETY: kill(2) with a pid this test started and still holds (not yet
+        // reaped, so the pid cannot have been reused) and a valid signal number.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(
+            rc,
+            0,
+            "kill({pid}, {sig}): {}",
+            std::io::Error::last_os_error()
+        );
+    }
+
+    /// Waits up to `timeout` for the router to exit; `None` if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(status)) = self.proc.0.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The config file the router was started with (and re-reads).
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("servers.toml")
+    }
+
+    /// Overwrites the config file in place, as `echo ... > servers.toml` would.
+    pub fn write_config(&self, toml: &str) {
+        std::fs::write(self.config_path(), toml).expect("write config");
+    }
+
+    /// Replaces the config file as an editor does: a temp file in the same directory,
+    /// renamed over it.
+    pub fn replace_config(&self, toml: &str) {
+        let tmp = self.dir.join(".servers.toml.tmp");
+        std::fs::write(&tmp, toml).expect("write temp config");
+        std::fs::rename(&tmp, self.config_path()).expect("rename over config");
+    }
+
+    /// The router's `LOG_DIR`.
+    pub fn log_dir(&self) -> PathBuf {
+        self.dir.join("logs")
+    }
+
+    /// The lines of `vllm-router-structured.log` that parse as JSON (a line being
+    /// written may be cut short; it is skipped).
+    pub fn structured_log(&self) -> Vec<serde_json::Value> {
+        parse_json_lines(&self.log_dir().join("vllm-router-structured.log"))
+    }
+
+    /// The access-log entry (structured log, target `access`) with this request id.
+    pub fn access_entry(&self, request_id: &str) -> Option<serde_json::Value> {
+        self.structured_log()
+            .into_iter()
+            .find(|e| e["target"] == "access" && e["request_id"] == request_id)
+    }
+}
+
+/// The lines of a JSON-lines file that parse, in order; none if it does not exist.
+pub fn parse_json_lines(path: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+impl Router {
+    /// Like `start_with`, but `during_startup` runs on another thread with the router's
+    /// directory as soon as the process is spawned, racing its start-up (it may wait
+    /// for files the router creates, and edit its config).
+    pub fn start_racing(
+        toml: &str,
+        args: &[&str],
+        during_startup: impl FnOnce(PathBuf) + Send + 'static,
+    ) -> Result<Router, String> {
+        Router::launch(toml, args, &[], during_startup)
+    }
+}
+
+// ---------------------------------------------------------------- chat load
+
+pub const CHAT: &str = "/v1/chat/completions";
+pub const CHAT_BODY: &str = r#"{"messages":[{"role":"user","content":"hi"}],"max_tokens":2}"#;
+
+/// A small chat request body for `model`.
+pub fn chat_for(model: &str) -> String {
+    format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}],"max_tokens":2}}"#)
+}
+
+/// A JSON POST to the chat endpoint with extra headers.
+pub fn post(addr: SocketAddr, headers: &[(&str, &str)], body: &str) -> Resp {
+    let mut all = vec![("Content-Type", "application/json")];
+    all.extend_from_slice(headers);
+    request(addr, "POST", CHAT, &all, body.as_bytes())
+}
+
+/// Like `post`, but a refused connection or a broken reply is an `Err`, not a panic:
+/// a router that is shutting down may do either.
+pub fn try_post(addr: SocketAddr, headers: &[(&str, &str)], body: &str) -> Result<Resp, String> {
+    let stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
+    let mut conn = Conn { stream, reader };
+    let mut head = format!(
+        "POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n",
+        body.len()
+    );
+    for (n, v) in headers {
+        head.push_str(&format!("{n}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    head.push_str(body);
+    conn.stream
+        .write_all(head.as_bytes())
+        .map_err(|e| format!("send: {e}"))?;
+    conn.read_response(false)
+}
+
+/// A steady load of sequential requests on a few client threads, counting anything
+/// but a 200 as a failure. `pause` waits for the requests in flight and holds every
+/// client until the guard drops.
+pub struct Load {
+    gate: Arc<RwLock<()>>,
+    stop: Arc<AtomicBool>,
+    served: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Load {
+    pub fn start(addr: SocketAddr, clients: usize) -> Load {
+        let gate = Arc::new(RwLock::new(()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let served = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let threads = (0..clients)
+            .map(|_| {
+                let (gate, stop) = (Arc::clone(&gate), Arc::clone(&stop));
+                let (served, failures) = (Arc::clone(&served), Arc::clone(&failures));
+                thread::spawn(move || {
+                    while !stop.load(Ordering::SeqCst) {
+                        {
+                            let _in_flight = gate.read().expect("gate");
+                            match try_post(addr, &[], CHAT_BODY) {
+                                Ok(resp) if resp.status == 200 => {}
+                                Ok(resp) => failures.lock().expect("failures").push(format!(
+                                    "{} {}",
+                                    resp.status,
+                                    resp.text()
+                                )),
+                                Err(e) => failures.lock().expect("failures").push(e),
+                            }
+                            served.fetch_add(1, Ordering::SeqCst);
+                        }
+                        thread::sleep(Duration::from_millis(2));
+                    }
+                })
+            })
+            .collect();
+        Load {
+            gate,
+            stop,
+            served,
+            failures,
+            threads,
+        }
+    }
+
+    pub fn pause(&self) -> RwLockWriteGuard<'_, ()> {
+        self.gate.write().expect("gate")
+    }
+
+    pub fn served(&self) -> usize {
+        self.served.load(Ordering::SeqCst)
+    }
+
+    /// Stops the clients and returns every failure they saw.
+    pub fn stop(mut self) -> Vec<String> {
+        self.stop.store(true, Ordering::SeqCst);
+        let mut failures = Vec::new();
+        for t in self.threads.drain(..) {
+            if t.join().is_err() {
+                failures.push("a client thread panicked".into());
+            }
+        }
+        failures.extend(self.failures.lock().expect("failures").drain(..));
+        failures
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
     }
 }
