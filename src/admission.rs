@@ -737,6 +737,7 @@ mod tests {
             .map(|(i, &c)| ServerConfig {
                 url: format!("http://b{i}"),
                 max_concurrent_requests: c,
+                api_key: None,
             })
             .collect();
         Table::new(&servers, true)
@@ -863,10 +864,12 @@ mod tests {
             ServerConfig {
                 url: kept.into(),
                 max_concurrent_requests: 5,
+                api_key: None,
             },
             ServerConfig {
                 url: "http://new".into(),
                 max_concurrent_requests: 1,
+                api_key: None,
             },
         ];
         let changes = t.apply_servers(&servers, true);
@@ -884,6 +887,7 @@ mod tests {
             &[ServerConfig {
                 url: held_url.clone(),
                 max_concurrent_requests: 1,
+                api_key: None,
             }],
             true,
         );

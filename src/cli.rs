@@ -29,6 +29,7 @@ pub struct Cli {
 pub enum Command {
     Run(RunArgs),
     CheckConfig(CheckConfigArgs),
+    Healthcheck(HealthcheckArgs),
 }
 
 #[derive(FromArgs, Debug, Default)]
@@ -67,12 +68,51 @@ pub struct CheckConfigArgs {
     pub config: Option<PathBuf>,
 }
 
+#[derive(FromArgs, Debug, Default)]
+/// Probe a running router's /livez on loopback: exit 0 on 200, 1 otherwise. For container
+/// health checks (no shell or curl needed).
+#[argh(subcommand, name = "healthcheck")]
+pub struct HealthcheckArgs {
+    /// full URL to probe (default http://127.0.0.1:PORT/livez)
+    #[argh(option)]
+    pub url: Option<String>,
+    /// port of the router on 127.0.0.1 (env PORT, default 8888)
+    #[argh(option)]
+    pub port: Option<u16>,
+    /// seconds to wait for the answer (default 3)
+    #[argh(option, default = "3.0")]
+    pub timeout: f64,
+}
+
+/// The URL `healthcheck` probes: `--url`, else `/livez` on 127.0.0.1 at `--port`, else
+/// PORT, else 8888. PORT=0 (any free port) cannot be probed and falls back to 8888.
+pub fn healthcheck_url(
+    args: &HealthcheckArgs,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, String> {
+    if let Some(url) = &args.url {
+        return Ok(url.clone());
+    }
+    let port = match (args.port, env("PORT")) {
+        (Some(p), _) => p,
+        (None, Some(p)) => p
+            .trim()
+            .parse()
+            .map_err(|_| format!("PORT={p:?} is not a port number (0 to 65535)"))?,
+        (None, None) => DEFAULT_PORT,
+    };
+    let port = if port == 0 { DEFAULT_PORT } else { port };
+    Ok(format!("http://127.0.0.1:{port}/livez"))
+}
+
 /// Puts `run` in front of arguments that name no subcommand, so that
 /// `vllm-router --port 9000` means `vllm-router run --port 9000`.
 pub fn with_default_subcommand(args: &[String]) -> Vec<String> {
     let needs_run = match args.first().map(String::as_str) {
         None => true,
-        Some("run" | "check-config" | "help" | "--help" | "-h" | "--version") => false,
+        Some("run" | "check-config" | "healthcheck" | "help" | "--help" | "-h" | "--version") => {
+            false
+        }
         Some(_) => true,
     };
     let mut out = Vec::with_capacity(args.len() + 1);
@@ -224,6 +264,39 @@ mod tests {
         assert_eq!(args(&["--port", "1"]), ["run", "--port", "1"]);
         assert_eq!(args(&["check-config"]), ["check-config"]);
         assert_eq!(args(&["--version"]), ["--version"]);
+        assert_eq!(args(&["healthcheck"]), ["healthcheck"]);
+    }
+
+    #[test]
+    fn healthcheck_probes_livez_on_loopback() {
+        let none = HealthcheckArgs {
+            timeout: 3.0,
+            ..HealthcheckArgs::default()
+        };
+        let url = |a: &HealthcheckArgs, e| healthcheck_url(a, &e).expect("valid");
+        assert_eq!(url(&none, env_of(&[])), "http://127.0.0.1:8888/livez");
+        assert_eq!(
+            url(&none, env_of(&[("PORT", "9000")])),
+            "http://127.0.0.1:9000/livez"
+        );
+        assert_eq!(
+            url(&none, env_of(&[("PORT", "0")])),
+            "http://127.0.0.1:8888/livez"
+        );
+        let port = HealthcheckArgs {
+            port: Some(7000),
+            ..HealthcheckArgs::default()
+        };
+        assert_eq!(
+            url(&port, env_of(&[("PORT", "9000")])),
+            "http://127.0.0.1:7000/livez"
+        );
+        let full = HealthcheckArgs {
+            url: Some("http://[::1]:8888/readyz".into()),
+            ..HealthcheckArgs::default()
+        };
+        assert_eq!(url(&full, env_of(&[])), "http://[::1]:8888/readyz");
+        assert!(healthcheck_url(&none, &env_of(&[("PORT", "x")])).is_err());
     }
 
     #[test]

@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use log::LevelFilter;
+
+use crate::auth::Secret;
 use toml::de::{DeInteger, DeString, DeTable, DeValue};
 use toml::Spanned;
 
@@ -38,6 +40,9 @@ pub struct ServerConfig {
     pub url: String,
     /// Requests sent to this server at once (1..=100000).
     pub max_concurrent_requests: u32,
+    /// The key of a vLLM started with `--api-key`: sent to this server instead of the
+    /// client's.
+    pub api_key: Option<Secret>,
 }
 
 /// The `[config]` table with defaults filled in. Durations come from seconds in the file.
@@ -67,6 +72,14 @@ pub struct Settings {
     /// How often each backend's `/metrics` is read for its own load; zero turns the
     /// backend-reported load off.
     pub backend_metrics_interval: Duration,
+    /// Client API keys written in the file.
+    pub api_keys: Vec<Secret>,
+    /// A file of client API keys, one per line, as written (relative to the config file).
+    pub api_keys_file: Option<PathBuf>,
+    /// The keys read from `api_keys_file` when the config was loaded.
+    pub file_api_keys: Vec<Secret>,
+    /// Whether `/metrics` and `/load-stats` need a key too.
+    pub protect_status_endpoints: bool,
     /// `None` leaves the choice to the caller (command line or its default).
     pub host: Option<String>,
     pub port: Option<u16>,
@@ -95,6 +108,10 @@ impl Default for Settings {
             max_body_bytes: 32 * 1024 * 1024,
             shutdown_timeout: Duration::from_secs(30),
             backend_metrics_interval: Duration::from_secs(2),
+            api_keys: Vec::new(),
+            api_keys_file: None,
+            file_api_keys: Vec::new(),
+            protect_status_endpoints: false,
             host: None,
             port: None,
             log_level: None,
@@ -161,7 +178,8 @@ pub fn from_bytes(bytes: &[u8], path: &Path) -> Result<Config, ConfigError> {
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
     let fail = |Bad(span, msg)| ConfigError::new(path, span.map(|s| position(text, s.start)), msg);
     let root = DeTable::parse(text).map_err(|e| fail(syntax_error(&e, text)))?;
-    let (servers, settings) = document(root.get_ref(), text).map_err(fail)?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let (servers, settings) = document(root.get_ref(), text, base).map_err(fail)?;
     Ok(Config {
         path: path.to_path_buf(),
         servers,
@@ -320,6 +338,15 @@ const KEYS: &[Key] = &[
     Key { name: "backend_metrics_interval",
         set: |s, v| v.secs(ZERO_OK).map(|d| s.backend_metrics_interval = d),
         show: |s| secs(s.backend_metrics_interval) },
+    Key { name: "api_keys",
+        set: |s, v| v.secret_list().map(|keys| s.api_keys = keys),
+        show: |s| format!("{} key(s)", s.api_keys.len()) },
+    Key { name: "api_keys_file",
+        set: |s, v| v.path().map(|p| s.api_keys_file = Some(p)),
+        show: |s| s.api_keys_file.as_ref().map_or_else(|| UNSET.into(), |p| format!("{} ({} key(s))", p.display(), s.file_api_keys.len())) },
+    Key { name: "protect_status_endpoints",
+        set: |s, v| v.boolean().map(|b| s.protect_status_endpoints = b),
+        show: |s| s.protect_status_endpoints.to_string() },
     Key { name: "host",
         set: |s, v| v.host().map(|h| s.host = Some(h)),
         show: |s| s.host.clone().unwrap_or_else(|| UNSET.into()) },
@@ -349,7 +376,7 @@ fn sorted<'a, 'i>(table: &'a DeTable<'i>) -> Vec<Entry<'a, 'i>> {
     entries
 }
 
-fn document(root: &DeTable, text: &str) -> Result<(Vec<ServerConfig>, Settings), Bad> {
+fn document(root: &DeTable, text: &str, base: &Path) -> Result<(Vec<ServerConfig>, Settings), Bad> {
     let mut servers = None;
     let mut settings = Settings::default();
     for (key, value) in sorted(root) {
@@ -362,7 +389,15 @@ fn document(root: &DeTable, text: &str) -> Result<(Vec<ServerConfig>, Settings),
                         let otherwise = "remove it or fix the spelling";
                         return Err(unknown(key, "in [config]", known_keys(), otherwise));
                     };
-                    (known.set)(&mut settings, &Val::new(known.name, value, text))?;
+                    let val = Val::new(known.name, value, text);
+                    (known.set)(&mut settings, &val)?;
+                    if let Some(file) = settings
+                        .api_keys_file
+                        .as_ref()
+                        .filter(|_| name == "api_keys_file")
+                    {
+                        settings.file_api_keys = val.key_file(&base.join(file))?;
+                    }
                 }
             }
             _ => {
@@ -413,7 +448,7 @@ fn servers_table(val: &Val) -> Result<Vec<ServerConfig>, Bad> {
 fn server_entry(val: &Val) -> Result<(ServerConfig, Range<usize>), Bad> {
     let table =
         val.table("a table like { url = \"http://host:8000\", max_concurrent_requests = 4 }")?;
-    let (mut url, mut capacity) = (None, None);
+    let (mut url, mut capacity, mut api_key) = (None, None, None);
     for (key, value) in sorted(table) {
         match key.get_ref().as_ref() {
             "url" => url = Some((Val::new("url", value, val.text).url()?, value.span())),
@@ -422,9 +457,10 @@ fn server_entry(val: &Val) -> Result<(ServerConfig, Range<usize>), Bad> {
                     Val::new("max_concurrent_requests", value, val.text).int(1, MAX_CAPACITY)?;
                 capacity = Some(n as u32);
             }
+            "api_key" => api_key = Some(Val::new("api_key", value, val.text).secret()?),
             _ => {
-                let known = ["url", "max_concurrent_requests"];
-                let otherwise = "a server takes only url and max_concurrent_requests";
+                let known = ["url", "max_concurrent_requests", "api_key"];
+                let otherwise = "a server takes only url, max_concurrent_requests and api_key";
                 return Err(unknown(key, "in server entry", known, otherwise));
             }
         }
@@ -440,6 +476,7 @@ fn server_entry(val: &Val) -> Result<(ServerConfig, Range<usize>), Bad> {
         ServerConfig {
             url,
             max_concurrent_requests,
+            api_key,
         },
         url_span,
     ))
@@ -535,6 +572,67 @@ impl<'a> Val<'a> {
         self.value
             .as_bool()
             .map_or_else(|| self.wrong_type("true or false"), Ok)
+    }
+
+    /// A key. Messages never quote a string value here: it may be the key itself.
+    fn secret(&self) -> Result<Secret, Bad> {
+        match self.value.as_str() {
+            Some(key) if crate::auth::valid_key(key) => Ok(Secret::new(key)),
+            Some(_) => Err(bad(
+                self.span.clone(),
+                format!(
+                    "{} must be a non-empty key without spaces or control characters",
+                    self.name
+                ),
+            )),
+            None if matches!(self.value, DeValue::Array(_) | DeValue::Table(_)) => {
+                self.wrong_type("a string")
+            }
+            None => Err(bad(
+                self.span.clone(),
+                format!("{} must be a string", self.name),
+            )),
+        }
+    }
+
+    fn secret_list(&self) -> Result<Vec<Secret>, Bad> {
+        let DeValue::Array(items) = self.value else {
+            return Err(bad(
+                self.span.clone(),
+                format!(
+                    "{} must be an array of strings, like [\"key-1\", \"key-2\"]",
+                    self.name
+                ),
+            ));
+        };
+        items
+            .iter()
+            .map(|item| Val::new(self.name, item, self.text).secret())
+            .collect()
+    }
+
+    fn path(&self) -> Result<PathBuf, Bad> {
+        match self.value.as_str() {
+            Some(p) if !p.trim().is_empty() => Ok(PathBuf::from(p)),
+            _ => self.wrong_type("a file path"),
+        }
+    }
+
+    /// Reads an `api_keys_file`; errors point at the `api_keys_file` value.
+    fn key_file(&self, path: &Path) -> Result<Vec<Secret>, Bad> {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            bad(
+                self.span.clone(),
+                format!("cannot read api_keys_file {}: {e}", path.display()),
+            )
+        })?;
+        crate::auth::parse_key_file(&text).map_err(|line| {
+            let msg = format!(
+                "api_keys_file {} line {line} is not a valid key (no spaces or control characters)",
+                path.display()
+            );
+            bad(self.span.clone(), msg)
+        })
     }
 
     fn host(&self) -> Result<String, Bad> {
@@ -770,6 +868,7 @@ mod tests {
         ServerConfig {
             url: url.to_string(),
             max_concurrent_requests,
+            api_key: None,
         }
     }
 
@@ -934,7 +1033,7 @@ worker_threads = [1] => servers.toml:4:18: worker_threads must be a whole number
 { url = "http://a:1", max_concurrent_requests = 0 } => servers.toml:3:51: max_concurrent_requests must be at least 1, found 0
 { url = "http://a:1", max_concurrent_requests = 100001 } => servers.toml:3:51: max_concurrent_requests must be at most 100000, found 100001
 { url = "http://a:1", max_concurent_requests = 2 } => servers.toml:3:25: unknown key `max_concurent_requests` in server entry; did you mean `max_concurrent_requests`?
-{ url = "http://a:1", weight = 2 } => servers.toml:3:25: unknown key `weight` in server entry; a server takes only url and max_concurrent_requests
+{ url = "http://a:1", weight = 2 } => servers.toml:3:25: unknown key `weight` in server entry; a server takes only url, max_concurrent_requests and api_key
 { url = "http://a:1" } => servers.toml:3:3: server entry is missing `max_concurrent_requests`; add e.g. max_concurrent_requests = 4
 { max_concurrent_requests = 1 } => servers.toml:3:3: server entry is missing `url`; add e.g. url = "http://host:8000"
 "http://a:1" => servers.toml:3:3: each server must be a table like { url = "http://host:8000", max_concurrent_requests = 4 }, found string "http://a:1"

@@ -11,6 +11,7 @@ use serde_json::json;
 use tiny_http::{Method, Request};
 
 use crate::admission::{BackendView, TableView};
+use crate::auth;
 use crate::error::RouterError;
 use crate::shared::Shared;
 use crate::wire;
@@ -28,7 +29,19 @@ pub fn try_handle(request: Request, shared: &Arc<Shared>) -> Option<Request> {
         "/metrics" => metrics,
         _ => return Some(request),
     };
-    let result = if matches!(request.method(), Method::Get | Method::Head) {
+    let config = shared.config();
+    let needs_key = match path.as_str() {
+        "/v1/models" => true,
+        "/metrics" | "/load-stats" => config.settings.protect_status_endpoints,
+        _ => false,
+    };
+    let presented = request.headers().get("Authorization").map(|v| v.as_str());
+    let refused = needs_key
+        && shared.client_keys(&config).next().is_some()
+        && !auth::authorized(presented, shared.client_keys(&config));
+    let result = if refused {
+        wire::send_error(request, &RouterError::Unauthorized, &[]).map(|_| ())
+    } else if matches!(request.method(), Method::Get | Method::Head) {
         let Answer {
             status,
             content_type,

@@ -29,6 +29,14 @@ pub enum RouterError {
     BodyTooLarge { limit: u64 },
     /// The request is malformed in a way the router must not forward.
     BadRequest(String),
+    /// No valid client API key.
+    Unauthorized,
+    /// The request head is over the router's caps (header bytes or count).
+    HeadersTooLarge,
+    /// The request target is over the router's cap.
+    UriTooLong,
+    /// A method the router does not relay (CONNECT, TRACE, extension methods).
+    MethodNotImplemented(String),
     /// The request's method is one the router does not serve on this path.
     MethodNotAllowed { allow: &'static str },
     /// The backend could not be reached or broke the exchange before its reply head.
@@ -49,6 +57,10 @@ impl RouterError {
             RouterError::BodyTooLarge { .. } => 413,
             RouterError::UnknownModel(_) => 404,
             RouterError::BadRequest(_) => 400,
+            RouterError::Unauthorized => 401,
+            RouterError::HeadersTooLarge => 431,
+            RouterError::UriTooLong => 414,
+            RouterError::MethodNotImplemented(_) => 501,
             RouterError::MethodNotAllowed { .. } => 405,
             RouterError::BadGateway { .. } => 502,
             RouterError::GatewayTimeout { .. } => 504,
@@ -64,6 +76,10 @@ impl RouterError {
             | RouterError::NoBackend
             | RouterError::ShuttingDown => "server_overloaded",
             RouterError::BodyTooLarge { .. }
+            | RouterError::Unauthorized
+            | RouterError::HeadersTooLarge
+            | RouterError::UriTooLong
+            | RouterError::MethodNotImplemented(_)
             | RouterError::UnknownModel(_)
             | RouterError::BadRequest(_)
             | RouterError::MethodNotAllowed { .. } => "invalid_request_error",
@@ -82,6 +98,10 @@ impl RouterError {
             RouterError::ShuttingDown => "shutting_down",
             RouterError::BodyTooLarge { .. } => "request_too_large",
             RouterError::BadRequest(_) => "bad_request",
+            RouterError::Unauthorized => "invalid_api_key",
+            RouterError::HeadersTooLarge => "headers_too_large",
+            RouterError::UriTooLong => "uri_too_long",
+            RouterError::MethodNotImplemented(_) => "method_not_implemented",
             RouterError::MethodNotAllowed { .. } => "method_not_allowed",
             RouterError::BadGateway { .. } => "backend_unavailable",
             RouterError::GatewayTimeout { .. } => "backend_timeout",
@@ -147,6 +167,24 @@ impl fmt::Display for RouterError {
                 write!(f, "request body is larger than the limit of {limit} bytes")
             }
             RouterError::BadRequest(why) => write!(f, "bad request: {why}"),
+            RouterError::Unauthorized => write!(
+                f,
+                "missing or invalid API key; send it as Authorization: Bearer <key>"
+            ),
+            RouterError::HeadersTooLarge => write!(
+                f,
+                "request headers are too large (at most {} headers and {} bytes)",
+                crate::headers::MAX_HEADERS,
+                crate::headers::MAX_HEADER_BYTES
+            ),
+            RouterError::UriTooLong => write!(
+                f,
+                "request target is longer than {} bytes",
+                crate::headers::MAX_TARGET_BYTES
+            ),
+            RouterError::MethodNotImplemented(method) => {
+                write!(f, "method {method:?} is not supported by the router")
+            }
             RouterError::MethodNotAllowed { allow } => {
                 write!(f, "method not allowed here; allowed: {allow}")
             }
@@ -242,5 +280,14 @@ mod tests {
             None,
         );
         check(RouterError::Internal, 500, "internal_error", None);
+        check(RouterError::Unauthorized, 401, "invalid_api_key", None);
+        check(RouterError::HeadersTooLarge, 431, "headers_too_large", None);
+        check(RouterError::UriTooLong, 414, "uri_too_long", None);
+        check(
+            RouterError::MethodNotImplemented("TRACE".into()),
+            501,
+            "method_not_implemented",
+            None,
+        );
     }
 }

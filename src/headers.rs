@@ -8,6 +8,27 @@
 
 use tiny_http::{Header, Headers};
 
+/// The most headers a request may carry (nginx-like; vLLM clients send about a dozen).
+pub const MAX_HEADERS: usize = 100;
+/// The most bytes all header names and values of a request may take together.
+pub const MAX_HEADER_BYTES: usize = 64 * 1024;
+/// The longest request target (path and query).
+pub const MAX_TARGET_BYTES: usize = 16 * 1024;
+
+/// Methods the router relays; anything else is answered 501.
+const RELAYED_METHODS: &[&str] = &["GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH"];
+
+/// Whether the router relays `method`.
+pub fn relayed_method(method: &str) -> bool {
+    RELAYED_METHODS.contains(&method)
+}
+
+/// Whether a request head is within `MAX_HEADERS` and `MAX_HEADER_BYTES`.
+pub fn head_within_caps(client: &[(String, String)]) -> bool {
+    let bytes: usize = client.iter().map(|(n, v)| n.len() + v.len() + 4).sum();
+    client.len() <= MAX_HEADERS && bytes <= MAX_HEADER_BYTES
+}
+
 /// Headers that belong to one connection and are never forwarded.
 const HOP_BY_HOP: &[&str] = &[
     "connection",

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant, SystemTime};
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::admission::{BackendId, BackendView, CheckStats, Reported, NOT_CHECKED};
+use crate::auth::Secret;
 use crate::config::Settings;
 use crate::shared::Shared;
 
@@ -92,7 +93,12 @@ fn run(shared: &Arc<Shared>) {
         tracks.retain(|id, _| view.backends.iter().any(|b| b.id == *id));
         for backend in &view.backends {
             let track = tracks.entry(backend.id).or_default();
-            start_probe_if_due(shared, backend, track, settings, &tx);
+            let key = config
+                .servers
+                .iter()
+                .find(|s| s.url == backend.url)
+                .and_then(|s| s.api_key.clone());
+            start_probe_if_due(shared, backend, key, track, settings, &tx);
         }
         let tick = settings.health_check_interval.min(IDLE_TICK);
         collect_reports(shared, &rx, &mut tracks, settings, Instant::now() + tick);
@@ -103,6 +109,7 @@ fn run(shared: &Arc<Shared>) {
 fn start_probe_if_due(
     shared: &Arc<Shared>,
     b: &BackendView,
+    key: Option<Secret>,
     track: &mut Track,
     s: &Settings,
     tx: &Sender<Report>,
@@ -154,11 +161,16 @@ fn start_probe_if_due(
     let spawned = thread::Builder::new()
         .name("health-probe".to_owned())
         .spawn(move || {
-            let agent = &shared.agent;
-            let check = check_due.then(|| check_health(agent, &url, timeout));
+            let target = Target {
+                agent: &shared.agent,
+                url: &url,
+                timeout,
+                key,
+            };
+            let check = check_due.then(|| target.check_health());
             let up = check.as_ref().map_or(healthy, |c| c.is_ok());
-            let models = (up && models_due).then(|| fetch_models(agent, &url, timeout));
-            let load = (up && scrape_due).then(|| (scrape_load(agent, &url, timeout), own));
+            let models = (up && models_due).then(|| target.fetch_models());
+            let load = (up && scrape_due).then(|| (target.scrape_load(), own));
             let _ = tx.send(Report {
                 id,
                 check,
@@ -343,47 +355,72 @@ fn verdict(track: &Track, last: &Result<Duration, String>, s: &Settings) -> Opti
     None
 }
 
-/// `GET {url}/health`: good when it answers 2xx within `timeout`.
-fn check_health(agent: &ureq::Agent, url: &str, timeout: Duration) -> Result<Duration, String> {
-    let started = Instant::now();
-    let response = get(agent, &format!("{url}/health"), timeout)?;
-    let status = response.status().as_u16();
-    if (200..300).contains(&status) {
-        Ok(started.elapsed())
-    } else {
-        Err(format!("/health answered {status}"))
-    }
-}
-
-/// `GET {url}/v1/models`: the model objects of an OpenAI list, or `None`.
-fn fetch_models(
-    agent: &ureq::Agent,
-    url: &str,
+/// One backend as a probe thread sees it.
+struct Target<'a> {
+    agent: &'a ureq::Agent,
+    url: &'a str,
     timeout: Duration,
-) -> Option<Vec<serde_json::Value>> {
-    let mut response = get(agent, &format!("{url}/v1/models"), timeout).ok()?;
-    if response.status().as_u16() != 200 {
-        return None;
-    }
-    let text = response.body_mut().read_to_string().ok()?;
-    let doc: serde_json::Value = serde_json::from_str(&text).ok()?;
-    let list = doc.get("data")?.as_array()?;
-    Some(
-        list.iter()
-            .filter(|m| m.get("id").is_some_and(|id| id.is_string()))
-            .cloned()
-            .collect(),
-    )
+    /// The backend's `api_key`, sent with every probe (vLLM guards `/v1/*` with it).
+    key: Option<Secret>,
 }
 
-/// `GET {url}/metrics`: the backend's own load, or `None` when it cannot be read.
-fn scrape_load(agent: &ureq::Agent, url: &str, timeout: Duration) -> Option<Reported> {
-    let mut response = get(agent, &format!("{url}/metrics"), timeout).ok()?;
-    if response.status().as_u16() != 200 {
-        return None;
+impl Target<'_> {
+    /// `GET /health`: good when it answers 2xx within the timeout.
+    fn check_health(&self) -> Result<Duration, String> {
+        let started = Instant::now();
+        let response = self.get("/health")?;
+        let status = response.status().as_u16();
+        if (200..300).contains(&status) {
+            Ok(started.elapsed())
+        } else {
+            Err(format!("/health answered {status}"))
+        }
     }
-    let text = response.body_mut().read_to_string().ok()?;
-    parse_vllm_metrics(&text)
+
+    /// `GET /v1/models`: the model objects of an OpenAI list, or `None`.
+    fn fetch_models(&self) -> Option<Vec<serde_json::Value>> {
+        let doc: serde_json::Value = serde_json::from_str(&self.get_text("/v1/models")?).ok()?;
+        let list = doc.get("data")?.as_array()?;
+        Some(
+            list.iter()
+                .filter(|m| m.get("id").is_some_and(|id| id.is_string()))
+                .cloned()
+                .collect(),
+        )
+    }
+
+    /// `GET /metrics`: the backend's own load, or `None` when it cannot be read.
+    fn scrape_load(&self) -> Option<Reported> {
+        parse_vllm_metrics(&self.get_text("/metrics")?)
+    }
+
+    /// The body of a 200 answer to `GET path`.
+    fn get_text(&self, path: &str) -> Option<String> {
+        let mut response = self.get(path).ok()?;
+        if response.status().as_u16() != 200 {
+            return None;
+        }
+        response.body_mut().read_to_string().ok()
+    }
+
+    fn get(&self, path: &str) -> Result<ureq::http::Response<ureq::Body>, String> {
+        let mut request = ureq::http::Request::get(format!("{}{path}", self.url));
+        if let Some(key) = &self.key {
+            request = request.header("Authorization", format!("Bearer {}", key.expose()));
+        }
+        let request = request.body(()).map_err(|e| e.to_string())?;
+        let request = self
+            .agent
+            .configure_request(request)
+            .timeout_global(Some(self.timeout))
+            .build();
+        self.agent.run(request).map_err(|e| match e {
+            ureq::Error::Timeout(_) => {
+                format!("no answer within {:.1}s", self.timeout.as_secs_f64())
+            }
+            other => other.to_string(),
+        })
+    }
 }
 
 /// Reads vLLM's load gauges from Prometheus text: running and waiting requests summed
@@ -425,24 +462,6 @@ fn parse_vllm_metrics(text: &str) -> Option<Reported> {
         waiting,
         kv_cache_usage: kv,
         scraped_at: SystemTime::now(),
-    })
-}
-
-fn get(
-    agent: &ureq::Agent,
-    url: &str,
-    timeout: Duration,
-) -> Result<ureq::http::Response<ureq::Body>, String> {
-    let request = ureq::http::Request::get(url)
-        .body(())
-        .map_err(|e| e.to_string())?;
-    let request = agent
-        .configure_request(request)
-        .timeout_global(Some(timeout))
-        .build();
-    agent.run(request).map_err(|e| match e {
-        ureq::Error::Timeout(_) => format!("no answer within {:.1}s", timeout.as_secs_f64()),
-        other => other.to_string(),
     })
 }
 

@@ -7,7 +7,8 @@ use std::sync::Arc;
 
 use argh::FromArgs;
 
-use vllm_router::cli::{self, CheckConfigArgs, Cli, Command, RunArgs};
+use vllm_router::auth::{self, Secret};
+use vllm_router::cli::{self, CheckConfigArgs, Cli, Command, HealthcheckArgs, RunArgs};
 use vllm_router::{config, health, logging, reload, server, shared::Shared, signals};
 
 fn main() -> ExitCode {
@@ -35,6 +36,7 @@ fn main() -> ExitCode {
     let env = |key: &str| std::env::var(key).ok().filter(|v| !v.is_empty());
     match parsed.command {
         Some(Command::CheckConfig(args)) => check_config(args, &env),
+        Some(Command::Healthcheck(args)) => healthcheck(args, &env),
         Some(Command::Run(args)) => run(args, &env),
         None => run(RunArgs::default(), &env),
     }
@@ -53,6 +55,41 @@ fn check_config(args: CheckConfigArgs, env: &dyn Fn(&str) -> Option<String>) -> 
         Err(e) => {
             eprintln!("{e}");
             ExitCode::from(2)
+        }
+    }
+}
+
+/// `healthcheck`: GET /livez of a router on loopback (or `--url`); 0 on 200, 1 on
+/// anything else or no answer within `--timeout`. Used by the Docker HEALTHCHECK, where
+/// the image has no shell and no curl.
+fn healthcheck(args: HealthcheckArgs, env: &dyn Fn(&str) -> Option<String>) -> ExitCode {
+    let url = match cli::healthcheck_url(&args, env) {
+        Ok(url) => url,
+        Err(e) => {
+            eprintln!("vllm-router healthcheck: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    if !(args.timeout.is_finite() && args.timeout > 0.0) {
+        eprintln!("vllm-router healthcheck: --timeout must be a positive number of seconds");
+        return ExitCode::from(2);
+    }
+    let timeout = std::time::Duration::from_secs_f64(args.timeout.min(3600.0));
+    let agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .max_redirects(0)
+        .timeout_global(Some(timeout))
+        .build()
+        .new_agent();
+    match agent.get(&url).call() {
+        Ok(response) if response.status() == 200 => ExitCode::SUCCESS,
+        Ok(response) => {
+            eprintln!("vllm-router healthcheck: {url}: {}", response.status());
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("vllm-router healthcheck: {url}: {e}");
+            ExitCode::from(1)
         }
     }
 }
@@ -112,7 +149,17 @@ fn serve(
 ) -> Result<(), String> {
     let workers = server::worker_count(&config);
     let n_servers = config.servers.len();
-    let shared = Shared::new(config);
+    let env_api_key = std::env::var("API_KEY")
+        .ok()
+        .filter(|k| !k.is_empty())
+        .map(Secret::new);
+    if env_api_key
+        .as_ref()
+        .is_some_and(|k| !auth::valid_key(k.expose()))
+    {
+        return Err("API_KEY must be a key without spaces or control characters".to_owned());
+    }
+    let shared = Shared::new(config, env_api_key);
     // Signals first, so a SIGTERM during start-up is not lost.
     let signals = signals::listen()?;
     health::spawn(Arc::clone(&shared))

@@ -17,6 +17,7 @@ use ureq::http;
 
 use crate::access::{self, Access};
 use crate::admission::{Limits, Slot, Want};
+use crate::auth;
 use crate::config::Config;
 use crate::error::RouterError;
 use crate::headers;
@@ -65,8 +66,16 @@ pub fn handle(request: Request, shared: &Arc<Shared>) {
 
 fn proxy(mut request: Request, shared: &Arc<Shared>, access: &mut Access) {
     let config = shared.config();
-    let target = request.url().to_owned();
     let client_headers = headers::client_headers(request.headers());
+    if let Err(err) = check_head(&request, &client_headers) {
+        return reject(request, &err, access);
+    }
+    let auth_on = shared.client_keys(&config).next().is_some();
+    let presented = request.headers().get("Authorization").map(|v| v.as_str());
+    if auth_on && !auth::authorized(presented, shared.client_keys(&config)) {
+        return reject(request, &RouterError::Unauthorized, access);
+    }
+    let target = request.url().to_owned();
     let body = match read_body(
         &mut request,
         &client_headers,
@@ -81,11 +90,15 @@ fn proxy(mut request: Request, shared: &Arc<Shared>, access: &mut Access) {
         ));
         return reject(request, &err, access);
     }
-    access.model = match requested_model(&body) {
+    access.model = match requested_model(&access.method, &target, &body) {
         Ok(model) => model,
         Err(err) => return reject(request, &err, access),
     };
     let mut upstream = headers::upstream_headers(&client_headers);
+    if auth_on {
+        // The client's key is for the router; it never reaches a backend.
+        upstream.retain(|(name, _)| !name.eq_ignore_ascii_case("authorization"));
+    }
     upstream.retain(|(name, _)| !name.eq_ignore_ascii_case(access::REQUEST_ID_HEADER));
     upstream.push((
         access::REQUEST_ID_HEADER.to_owned(),
@@ -121,20 +134,68 @@ fn proxy(mut request: Request, shared: &Arc<Shared>, access: &mut Access) {
     };
 }
 
-/// The `model` a request's JSON body names. A body that is not a JSON object names
-/// none and goes to any backend; a `model` that is not a string is refused, since the
-/// router cannot route it and no backend would accept it.
-fn requested_model(body: &[u8]) -> Result<Option<String>, RouterError> {
+/// The method, target length and header caps, checked before anything else.
+fn check_head(request: &Request, client_headers: &[(String, String)]) -> Result<(), RouterError> {
+    let method = request.method().as_str();
+    if !headers::relayed_method(method) {
+        return Err(RouterError::MethodNotImplemented(method.to_owned()));
+    }
+    if request.url().len() > headers::MAX_TARGET_BYTES {
+        return Err(RouterError::UriTooLong);
+    }
+    if !headers::head_within_caps(client_headers) {
+        return Err(RouterError::HeadersTooLarge);
+    }
+    Ok(())
+}
+
+/// Routes whose POST body is a JSON object that may name the `model`.
+const MODEL_ROUTES: &[&str] = &[
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/embeddings",
+    "/v1/responses",
+    "/v1/score",
+    "/v1/rerank",
+    "/v2/rerank",
+    "/score",
+    "/rerank",
+    "/pooling",
+    "/classify",
+    "/tokenize",
+    "/detokenize",
+];
+
+/// The `model` a request's JSON body names. On the routes that take a JSON body
+/// (`MODEL_ROUTES`), a body that is not a JSON object, or a `model` that is not a
+/// string, is refused here: no backend would accept it, and the router could not
+/// route it. Elsewhere a body that is not JSON simply names no model.
+pub fn requested_model(
+    method: &str,
+    target: &str,
+    body: &[u8],
+) -> Result<Option<String>, RouterError> {
     #[derive(serde::Deserialize)]
     struct Probe {
         model: Option<serde_json::Value>,
     }
+    let path = target.split('?').next().unwrap_or("");
+    let needs_json = method == "POST" && MODEL_ROUTES.contains(&path);
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
-        return Ok(None);
+        return if needs_json {
+            Err(RouterError::BadRequest(format!(
+                "{path} takes a JSON object body"
+            )))
+        } else {
+            Ok(None)
+        };
     }
     match serde_json::from_slice::<Probe>(body).map(|p| p.model) {
         Ok(Some(serde_json::Value::String(model))) => Ok(Some(model)),
+        Err(e) if needs_json => Err(RouterError::BadRequest(format!(
+            "the body is not valid JSON: {e}"
+        ))),
         Ok(Some(serde_json::Value::Null) | None) | Err(_) => Ok(None),
         Ok(Some(other)) => Err(RouterError::BadRequest(format!(
             "\"model\" must be a string, found {other}"
@@ -203,8 +264,19 @@ impl Exchange<'_> {
     fn send(&self, slot: &Slot) -> Result<http::Response<ureq::Body>, SendFailure> {
         let uri = format!("{}{}", slot.backend_url(), self.target);
         let mut builder = http::Request::builder().method(self.method).uri(&uri);
-        for (name, value) in headers::upstream_headers(self.headers) {
-            builder = builder.header(name, value);
+        let backend_key = self
+            .config
+            .servers
+            .iter()
+            .find(|s| s.url == slot.backend_url())
+            .and_then(|s| s.api_key.as_ref());
+        for (name, value) in self.headers {
+            if backend_key.is_none() || !name.eq_ignore_ascii_case("authorization") {
+                builder = builder.header(name, value);
+            }
+        }
+        if let Some(key) = backend_key {
+            builder = builder.header("Authorization", format!("Bearer {}", key.expose()));
         }
         let request = builder.body(self.body).map_err(|e| SendFailure {
             err: RouterError::BadRequest(format!("cannot forward this request: {e}")),

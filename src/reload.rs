@@ -8,6 +8,9 @@
 //! one changes nothing: the router keeps serving with the old config and logs the
 //! error with file, line and column, once per distinct bad version.
 //!
+//! The `api_keys_file` the config names is reloaded with it: a change of its keys
+//! counts as a change of the config.
+//!
 //! It is the only writer of the config after start-up.
 
 use std::path::PathBuf;
@@ -35,6 +38,7 @@ pub fn spawn(
         .spawn(move || {
             let mut reloader = Reloader {
                 last_seen: Some(running),
+                last_bad_key_file: None,
                 shared,
                 pool,
                 path,
@@ -57,6 +61,8 @@ struct Reloader {
     path: PathBuf,
     /// The bytes of the last version read, applied or refused.
     last_seen: Option<Vec<u8>>,
+    /// The last unreadable or invalid `api_keys_file` text seen.
+    last_bad_key_file: Option<String>,
 }
 
 impl Reloader {
@@ -70,7 +76,7 @@ impl Reloader {
                 return;
             }
         };
-        if self.last_seen.as_deref() == Some(&bytes[..]) {
+        if self.last_seen.as_deref() == Some(&bytes[..]) && !self.key_file_changed() {
             if forced {
                 log::info!("config reload: {} is unchanged", self.path.display());
             }
@@ -86,6 +92,22 @@ impl Reloader {
                 self.shared.metrics.observe_reload(false);
                 log::error!("config reload failed, keeping the running config: {e}");
             }
+        }
+    }
+
+    /// Whether the running config's `api_keys_file` now holds other keys (it is
+    /// reloaded with the config). A broken key file counts as changed once per
+    /// version, so its error is logged once.
+    fn key_file_changed(&mut self) -> bool {
+        let config = self.shared.config();
+        let Some(file) = &config.settings.api_keys_file else {
+            return false;
+        };
+        let base = self.path.parent().unwrap_or(std::path::Path::new("."));
+        let text = std::fs::read_to_string(base.join(file)).unwrap_or_default();
+        match crate::auth::parse_key_file(&text) {
+            Ok(keys) if !text.is_empty() => keys != config.settings.file_api_keys,
+            _ => self.last_bad_key_file.replace(text.clone()) != Some(text),
         }
     }
 

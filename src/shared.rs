@@ -16,11 +16,13 @@ use std::time::Instant;
 use parking_lot::RwLock;
 
 use crate::admission::Table;
+use crate::auth::Secret;
 use crate::config::Config;
 use crate::metrics::Metrics;
 
 pub struct Shared {
     config: RwLock<Arc<Config>>,
+    env_api_key: Option<Secret>,
     pub table: Arc<Table>,
     pub agent: ureq::Agent,
     pub metrics: Metrics,
@@ -29,9 +31,11 @@ pub struct Shared {
 }
 
 impl Shared {
-    pub fn new(config: Config) -> Arc<Shared> {
+    /// `env_api_key` is the `API_KEY` environment variable, read once at start.
+    pub fn new(config: Config, env_api_key: Option<Secret>) -> Arc<Shared> {
         let table = Table::new(&config.servers, !config.settings.enable_active_health_check);
         Arc::new(Shared {
+            env_api_key,
             config: RwLock::new(Arc::new(config)),
             table,
             agent: backend_agent(),
@@ -45,6 +49,19 @@ impl Shared {
     /// so a reload never changes the rules halfway through a request.
     pub fn config(&self) -> Arc<Config> {
         Arc::clone(&self.config.read())
+    }
+
+    /// Every client API key in force with `config`: from the file, the key file and
+    /// the environment. Empty when the router is open to all.
+    pub fn client_keys<'a>(
+        &'a self,
+        config: &'a Config,
+    ) -> impl Iterator<Item = &'a Secret> + Clone {
+        let s = &config.settings;
+        s.api_keys
+            .iter()
+            .chain(&s.file_api_keys)
+            .chain(&self.env_api_key)
     }
 
     /// Swaps in a reloaded config (reload thread). Requests already running keep

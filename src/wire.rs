@@ -201,6 +201,12 @@ pub fn send_error(
     if let RouterError::MethodNotAllowed { allow } = err {
         headers.push(("Allow".to_owned(), (*allow).to_owned()));
     }
+    if let RouterError::Unauthorized = err {
+        headers.push((
+            "WWW-Authenticate".to_owned(),
+            "Bearer realm=\"vllm-router\"".to_owned(),
+        ));
+    }
     let body = err.body();
     send_full(request, err.status(), &headers, body.as_bytes())?;
     Ok(body.len() as u64)
