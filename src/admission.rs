@@ -428,6 +428,16 @@ impl Table {
         !inner.closed && inner.entries.iter().any(|e| e.usable(&Want::default()))
     }
 
+    /// This router's requests in flight on one backend.
+    pub fn in_flight_of(&self, id: BackendId) -> u32 {
+        self.inner
+            .lock()
+            .entries
+            .iter()
+            .find(|e| e.id == id)
+            .map_or(0, |e| e.in_flight)
+    }
+
     /// Requests holding a slot right now, on every backend (shutdown waits for 0).
     pub fn total_in_flight(&self) -> u32 {
         self.inner.lock().entries.iter().map(|e| e.in_flight).sum()

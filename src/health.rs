@@ -100,7 +100,10 @@ fn run(shared: &Arc<Shared>) {
                 .and_then(|s| s.api_key.clone());
             start_probe_if_due(shared, backend, key, track, settings, &tx);
         }
-        let tick = settings.health_check_interval.min(IDLE_TICK);
+        let mut tick = settings.health_check_interval.min(IDLE_TICK);
+        if !settings.backend_metrics_interval.is_zero() {
+            tick = tick.min(settings.backend_metrics_interval);
+        }
         collect_reports(shared, &rx, &mut tracks, settings, Instant::now() + tick);
     }
 }
@@ -149,12 +152,11 @@ fn start_probe_if_due(
     if scrape_due {
         track.last_scrape = Some(now);
     }
-    let (shared, tx, id, url, own, healthy) = (
+    let (shared, tx, id, url, healthy) = (
         Arc::clone(shared),
         tx.clone(),
         b.id,
         b.url.clone(),
-        b.in_flight,
         b.healthy,
     );
     let timeout = s.health_check_timeout;
@@ -170,7 +172,13 @@ fn start_probe_if_due(
             let check = check_due.then(|| target.check_health());
             let up = check.as_ref().map_or(healthy, |c| c.is_ok());
             let models = (up && models_due).then(|| target.fetch_models());
-            let load = (up && scrape_due).then(|| (target.scrape_load(), own));
+            // This router's count is read right before the scrape: requests that
+            // finish while the check and the model fetch run must not be taken off
+            // the report a second time.
+            let load = (up && scrape_due).then(|| {
+                let own = shared.table.in_flight_of(id);
+                (target.scrape_load(), own)
+            });
             let _ = tx.send(Report {
                 id,
                 check,

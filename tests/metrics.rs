@@ -345,7 +345,9 @@ fn metrics_pass_promtool_after_every_kind_of_traffic() {
     let b = Mock::start(&["--id", "bravo"]);
     let router = Router::start(&servers_toml(
         &[(&a.url, 1), (&b.url, 1)],
-        "health_check_interval = 0.5\nbackend_metrics_interval = 0.1\nmax_retries = 1\n\
+        // Backends are scraped for their load as soon as they are healthy, so the
+        // backend-reported gauges have samples without a short interval.
+        "health_check_interval = 0.5\nmax_retries = 1\n\
          retry_delay = 0.01\nfailure_threshold = 10\nqueue_timeout = 0.3\n\
          max_body_bytes = 1024",
     ));
@@ -717,6 +719,10 @@ struct FakeState {
     /// Requests it reports running on top of its own (another router's).
     extra_running: AtomicU64,
     metrics_hits: AtomicU64,
+    /// How long `/health` takes; 0: at once.
+    slow_health_ms: AtomicU64,
+    /// `/health` requests being answered now.
+    health_in_progress: AtomicU64,
     in_flight: AtomicU64,
     served: AtomicU64,
     release: AtomicBool,
@@ -801,7 +807,12 @@ fn serve_fake(mut conn: TcpStream, st: &FakeState) -> std::io::Result<()> {
     reader.read_exact(&mut body)?;
     const JSON: &str = "application/json";
     let (status, ctype, text) = match (method.as_str(), path.as_str()) {
-        ("GET", "/health") => (200, JSON, r#"{"status":"ok"}"#.to_owned()),
+        ("GET", "/health") => {
+            st.health_in_progress.fetch_add(1, SeqCst);
+            thread::sleep(Duration::from_millis(st.slow_health_ms.load(SeqCst)));
+            st.health_in_progress.fetch_sub(1, SeqCst);
+            (200, JSON, r#"{"status":"ok"}"#.to_owned())
+        }
         ("GET", "/v1/models") => (
             200,
             JSON,
@@ -1009,6 +1020,79 @@ fn backend_load_from_the_mock_shows_in_load_stats_and_limits_admission() {
     });
 }
 
+#[test]
+fn backend_metrics_are_read_every_backend_metrics_interval() {
+    let fake = Fake::start(METRICS_VALID);
+    // health_check_interval stays at its default (10 s).
+    let _router = Router::start(&servers_toml(
+        &[(&fake.url, 4)],
+        "backend_metrics_interval = 0.1",
+    ));
+    wait_until(Duration::from_secs(5), "a first scrape", || {
+        fake.hits() >= 1
+    });
+    let from = fake.hits();
+    thread::sleep(Duration::from_secs(2));
+    let n = fake.hits() - from;
+    assert!(
+        (14..=22).contains(&n),
+        "{n} scrapes of /metrics in 2 s with backend_metrics_interval = 0.1 (about 20 expected)"
+    );
+}
+
+#[test]
+fn a_slow_health_check_before_a_scrape_does_not_hide_the_backends_load() {
+    let fake = Fake::start(METRICS_VALID);
+    let router = Router::start(&servers_toml(
+        &[(&fake.url, 4)],
+        "backend_metrics_interval = 0.1\nhealth_check_interval = 0.3",
+    ));
+    // The backend runs 2 requests for another router, and 3 of this router's, held.
+    fake.st.extra_running.store(2, SeqCst);
+    let addr = router.addr;
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let body = chat("fake-model");
+            thread::spawn(move || post(addr, &[], &body))
+        })
+        .collect();
+    wait_until(Duration::from_secs(5), "the router counts 5", || {
+        let s = load_entry(&router, 0);
+        s["backend_running"] == 5.0 && s["load"] == 5
+    });
+
+    // A health check takes 600 ms; this router's 3 requests end while it runs, and the
+    // scrape made right after it sees the other router's 2.
+    fake.st.slow_health_ms.store(600, SeqCst);
+    wait_until(Duration::from_secs(5), "a slow health check runs", || {
+        fake.st.health_in_progress.load(SeqCst) == 1
+    });
+    let before = load_entry(&router, 0)["backend_metrics_at_unix"].clone();
+    fake.st.release.store(true, SeqCst);
+    for c in clients {
+        let resp = c.join().expect("client");
+        assert_eq!(resp.status, 200, "{}", resp.text());
+    }
+    let mut s = Value::Null;
+    wait_until(
+        Duration::from_secs(5),
+        "the scrape after the slow check",
+        || {
+            s = load_entry(&router, 0);
+            s["backend_metrics_at_unix"] != before
+        },
+    );
+    assert_eq!(s["backend_running"], 2.0, "{s}");
+    assert_eq!(s["in_flight"], 0, "{s}");
+    assert_eq!(
+        s["load"], 2,
+        "the backend reports 2 running (another router's), but admission counts {}: \
+         this router's 3 finished requests were taken off the report twice",
+        s["load"]
+    );
+    fake.st.slow_health_ms.store(0, SeqCst);
+}
+
 // ---------------------------------------------------------------- two replicas
 
 /// Two routers with the same config in front of the same two mocks (4 slots each per
@@ -1178,6 +1262,18 @@ fn the_grafana_dashboard_charts_only_metrics_the_router_exports() {
          exported: {:?}",
         e.types
     );
+    // Names anywhere else in the file (variable queries, descriptions) exist too.
+    for name in router_metric_names(DASHBOARD) {
+        let known = e.types.contains_key(&name)
+            || ["_bucket", "_sum", "_count"].iter().any(|suffix| {
+                name.strip_suffix(suffix)
+                    .is_some_and(|base| e.types.get(base).map(String::as_str) == Some("histogram"))
+            });
+        assert!(
+            known,
+            "the dashboard names {name}, which the router does not export"
+        );
+    }
     let uncharted: Vec<&String> = e.types.keys().filter(|f| !charted.contains(*f)).collect();
     assert!(uncharted.is_empty(), "not charted: {uncharted:?}");
 

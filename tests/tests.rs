@@ -13,6 +13,8 @@ mod health;
 mod metrics;
 /// Live operations: hot reload, signals, graceful shutdown, logs.
 mod operations;
+/// Property tests of the parsing front (config, framing, model lookup, key check).
+mod properties;
 /// Relaying: method, path, query, headers, bodies and backend errors, unchanged.
 mod proxy;
 /// Streaming: events arrive one by one; disconnects reach the backend and free slots.
