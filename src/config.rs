@@ -626,13 +626,23 @@ impl<'a> Val<'a> {
                 format!("cannot read api_keys_file {}: {e}", path.display()),
             )
         })?;
-        crate::auth::parse_key_file(&text).map_err(|line| {
+        let keys = crate::auth::parse_key_file(&text).map_err(|line| {
             let msg = format!(
                 "api_keys_file {} line {line} is not a valid key (no spaces or control characters)",
                 path.display()
             );
             bad(self.span.clone(), msg)
-        })
+        })?;
+        // An empty file would open the router to everyone, for instance while a key
+        // rotation rewrites it: refused, so a reload keeps the keys in force.
+        if keys.is_empty() {
+            let msg = format!(
+                "api_keys_file {} holds no keys; add a key or remove api_keys_file",
+                path.display()
+            );
+            return Err(bad(self.span.clone(), msg));
+        }
+        Ok(keys)
     }
 
     fn host(&self) -> Result<String, Bad> {

@@ -39,8 +39,12 @@ pub fn try_handle(request: Request, shared: &Arc<Shared>) -> Option<Request> {
     let refused = needs_key
         && shared.client_keys(&config).next().is_some()
         && !auth::authorized(presented, shared.client_keys(&config));
+    let unread_body = wire::declares_body(&request);
     let result = if refused {
-        wire::send_error(request, &RouterError::Unauthorized, &[]).map(|_| ())
+        shared
+            .metrics
+            .observe_rejection(RouterError::Unauthorized.code());
+        wire::send_error(request, &RouterError::Unauthorized, &[], unread_body).map(|_| ())
     } else if matches!(request.method(), Method::Get | Method::Head) {
         let Answer {
             status,
@@ -48,10 +52,10 @@ pub fn try_handle(request: Request, shared: &Arc<Shared>) -> Option<Request> {
             body,
         } = answer(shared);
         let headers = [("Content-Type".to_owned(), content_type.to_owned())];
-        wire::send_full(request, status, &headers, &body)
+        wire::send_full(request, status, &headers, &body, unread_body)
     } else {
         let err = RouterError::MethodNotAllowed { allow: "GET, HEAD" };
-        wire::send_error(request, &err, &[]).map(|_| ())
+        wire::send_error(request, &err, &[], unread_body).map(|_| ())
     };
     if let Err(e) = result {
         log::debug!("could not answer {path}: {e}");

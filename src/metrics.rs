@@ -101,6 +101,11 @@ impl Metrics {
         }
     }
 
+    /// Counts a request the router answered itself, by reason (an error code).
+    pub fn observe_rejection(&self, reason: &'static str) {
+        *self.registry.lock().rejected.entry(reason).or_default() += 1;
+    }
+
     pub fn observe_health_check(&self, backend: &str, ok: bool, took: Duration) {
         let mut r = self.registry.lock();
         let result = if ok { "success" } else { "failure" };

@@ -1,9 +1,11 @@
 //! The request path of a proxied request, one function per phase, called top-down
 //! from `handle`:
 //!
-//! `read_body` (framing checks, size limit) → `admit` (a slot, or wait in line) →
-//! `send_request` (ureq, head and body) → `relay_response` (head, then one chunk per
-//! backend read, flushed) → the `Slot` drops and the backend's slot is free again.
+//! `check_head` (method, target, header caps) → the API-key check → `read_body`
+//! (framing checks, size limit) → `requested_model` → `Exchange::forward` (`admit` a
+//! slot or wait in line, `send` with ureq, retry elsewhere while it is safe) →
+//! `relay_response` (head, then one chunk per backend read, flushed) → the `Slot`
+//! drops and the backend's slot is free again; `Access::finish` logs the request once.
 //!
 //! Nothing reaches the client before the backend's response head, so until then any
 //! failure can still be answered with a clean error.
@@ -68,12 +70,12 @@ fn proxy(mut request: Request, shared: &Arc<Shared>, access: &mut Access) {
     let config = shared.config();
     let client_headers = headers::client_headers(request.headers());
     if let Err(err) = check_head(&request, &client_headers) {
-        return reject(request, &err, access);
+        return reject(request, &err, access, true);
     }
     let auth_on = shared.client_keys(&config).next().is_some();
     let presented = request.headers().get("Authorization").map(|v| v.as_str());
     if auth_on && !auth::authorized(presented, shared.client_keys(&config)) {
-        return reject(request, &RouterError::Unauthorized, access);
+        return reject(request, &RouterError::Unauthorized, access, true);
     }
     let target = request.url().to_owned();
     let body = match read_body(
@@ -82,17 +84,11 @@ fn proxy(mut request: Request, shared: &Arc<Shared>, access: &mut Access) {
         config.settings.max_body_bytes,
     ) {
         Ok(body) => body,
-        Err(err) => return reject(request, &err, access),
+        Err(err) => return reject(request, &err, access, true),
     };
-    if !target.starts_with('/') {
-        let err = RouterError::BadRequest(format!(
-            "request target {target:?} must be a path starting with /"
-        ));
-        return reject(request, &err, access);
-    }
     access.model = match requested_model(&access.method, &target, &body) {
         Ok(model) => model,
-        Err(err) => return reject(request, &err, access),
+        Err(err) => return reject(request, &err, access, false),
     };
     let mut upstream = headers::upstream_headers(&client_headers);
     if auth_on {
@@ -119,7 +115,7 @@ fn proxy(mut request: Request, shared: &Arc<Shared>, access: &mut Access) {
     };
     let (slot, response) = match exchange.forward(want, &mut access.retries) {
         Ok(sent) => sent,
-        Err(err) => return reject(request, &err, access),
+        Err(err) => return reject(request, &err, access, false),
     };
     access.backend = Some(slot.backend_url().to_owned());
     access.queue_wait = slot.queued_for;
@@ -140,8 +136,14 @@ fn check_head(request: &Request, client_headers: &[(String, String)]) -> Result<
     if !headers::relayed_method(method) {
         return Err(RouterError::MethodNotImplemented(method.to_owned()));
     }
-    if request.url().len() > headers::MAX_TARGET_BYTES {
+    let target = request.url();
+    if target.len() > headers::MAX_TARGET_BYTES {
         return Err(RouterError::UriTooLong);
+    }
+    if !target.starts_with('/') {
+        return Err(RouterError::BadRequest(format!(
+            "request target {target:?} must be a path starting with /"
+        )));
     }
     if !headers::head_within_caps(client_headers) {
         return Err(RouterError::HeadersTooLarge);
@@ -233,6 +235,8 @@ impl Exchange<'_> {
                     self.record_failure(&slot, &format!("replied {}", response.status().as_u16()));
                 }
                 Ok(_) => self.shared.table.request_succeeded(slot.backend_id()),
+                // A request the router could not even build is the client's fault.
+                Err(failure) if matches!(failure.err, RouterError::BadRequest(_)) => {}
                 Err(failure) => self.record_failure(&slot, &failure.err.to_string()),
             }
             let retryable = match &result {
@@ -349,7 +353,9 @@ impl SendFailure {
     }
 }
 
-fn reject(request: Request, err: &RouterError, access: &mut Access) {
+/// Answers with one of the router's own errors. `unread_body`: the request was
+/// refused before its body was read (see `wire::send_full`).
+fn reject(request: Request, err: &RouterError, access: &mut Access, unread_body: bool) {
     access.status = err.status();
     access.outcome = err.code();
     if err.is_rejection() {
@@ -362,7 +368,11 @@ fn reject(request: Request, err: &RouterError, access: &mut Access) {
     if let RouterError::QueueTimeout { waited } = err {
         access.queue_wait = *waited;
     }
-    match wire::send_error(request, err, &id) {
+    if let RouterError::BadGateway { backend, .. } | RouterError::GatewayTimeout { backend } = err {
+        access.backend = Some(backend.clone());
+    }
+    let unread_body = unread_body && wire::declares_body(&request);
+    match wire::send_error(request, err, &id, unread_body) {
         Ok(bytes) => {
             access.first_byte = Some(Instant::now());
             access.bytes_out = bytes;
@@ -521,10 +531,10 @@ fn relay_buffered(
             backend: access.backend.clone().unwrap_or_default(),
             reason: reason.clone(),
         };
-        reject(request, &err, access);
+        reject(request, &err, access, false);
         return End::BackendBroke(reason);
     }
-    if wire::send_full(request, status, headers, &body).is_err() {
+    if wire::send_full(request, status, headers, &body, false).is_err() {
         return End::ClientGone;
     }
     access.first_byte = Some(Instant::now());

@@ -106,7 +106,7 @@ impl Reloader {
         let base = self.path.parent().unwrap_or(std::path::Path::new("."));
         let text = std::fs::read_to_string(base.join(file)).unwrap_or_default();
         match crate::auth::parse_key_file(&text) {
-            Ok(keys) if !text.is_empty() => keys != config.settings.file_api_keys,
+            Ok(keys) if !keys.is_empty() => keys != config.settings.file_api_keys,
             _ => self.last_bad_key_file.replace(text.clone()) != Some(text),
         }
     }

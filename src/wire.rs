@@ -15,6 +15,7 @@
 //! of a reply that looks complete.
 
 use std::io::{self, Write};
+use std::thread;
 use std::time::Instant;
 
 use tiny_http::{HTTPVersion, Request};
@@ -163,18 +164,21 @@ impl BodyWriter {
 }
 
 /// Writes a whole response whose body is known. This goes through tiny_http's own
-/// `respond`, the one path that writes the reply *before* dropping the request: a
-/// request whose body was not read is drained on drop, and a client that declared a
-/// huge body must get our answer before that drain waits on it.
+/// `respond`, the one path that writes the reply *before* dropping the request.
 ///
-/// tiny_http drops a `Connection` header set on a `Response`, so a reply cannot ask
-/// the client to close; a client that stops sending after an early 413 closes by
-/// itself, which ends the drain.
+/// A request whose body was not read (`unread_body`: refused before it, or an
+/// endpoint that takes none) is drained by tiny_http when it is dropped, which waits
+/// for the client to send the rest or go away, and tiny_http drops a `Connection:
+/// close` set on a `Response`. So such a reply is written, and the request dropped, on
+/// a short-lived thread of its own: a client that declares a body and never sends it
+/// holds that thread (as it already holds tiny_http's thread for its connection), never
+/// a worker.
 pub fn send_full(
     request: Request,
     status: u16,
     headers: &[(String, String)],
     body: &[u8],
+    unread_body: bool,
 ) -> io::Result<()> {
     let mut response = tiny_http::Response::from_data(body).with_status_code(status);
     for (name, value) in headers {
@@ -183,15 +187,34 @@ pub fn send_full(
             response.add_header(header);
         }
     }
-    request.respond(response)
+    if !unread_body {
+        return request.respond(response);
+    }
+    thread::Builder::new()
+        .name("drain".to_owned())
+        .stack_size(DRAIN_STACK)
+        .spawn(move || {
+            let _ = request.respond(response);
+        })
+        .map(|_| ())
+}
+
+/// A drain thread only reads and discards; it needs little stack.
+const DRAIN_STACK: usize = 64 * 1024;
+
+/// Whether the request still declares body bytes that nobody has read.
+pub fn declares_body(request: &Request) -> bool {
+    request.body_length().is_some_and(|n| n > 0)
+        || request.headers().get("Transfer-Encoding").is_some()
 }
 
 /// Answers with one of the router's own errors, adding `extra` headers. Returns the
-/// size of the body sent.
+/// size of the body sent. `unread_body` as for `send_full`.
 pub fn send_error(
     request: Request,
     err: &RouterError,
     extra: &[(String, String)],
+    unread_body: bool,
 ) -> io::Result<u64> {
     let mut headers = vec![("Content-Type".to_owned(), "application/json".to_owned())];
     headers.extend_from_slice(extra);
@@ -208,7 +231,13 @@ pub fn send_error(
         ));
     }
     let body = err.body();
-    send_full(request, err.status(), &headers, body.as_bytes())?;
+    send_full(
+        request,
+        err.status(),
+        &headers,
+        body.as_bytes(),
+        unread_body,
+    )?;
     Ok(body.len() as u64)
 }
 

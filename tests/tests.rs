@@ -7,6 +7,8 @@ mod support;
 mod admission;
 /// The command line and the config file: check-config, errors, precedence.
 mod cli;
+/// Authentication, limits and hostile input.
+mod hardening;
 /// Health checks, passive health, retries and model-aware routing.
 mod health;
 /// Metrics and backend-reported load across router replicas.

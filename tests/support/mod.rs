@@ -710,3 +710,55 @@ impl Drop for Load {
         self.stop.store(true, Ordering::SeqCst);
     }
 }
+
+// ---------------------------------------------------------------- hardening
+
+impl Router {
+    /// Like `start_with`, but in `dir` (from `test_dir`), which may already hold files
+    /// the config names by a relative path, such as an `api_keys_file`. The config is
+    /// written to `dir/servers.toml`; the process runs in the empty `dir/cwd`, so a
+    /// relative path that works is relative to the config file, not to the working
+    /// directory.
+    pub fn start_in(
+        dir: PathBuf,
+        toml: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+    ) -> Result<Router, String> {
+        let config = dir.join("servers.toml");
+        std::fs::write(&config, toml).expect("write config");
+        let cwd = dir.join("cwd");
+        std::fs::create_dir_all(&cwd).expect("create working dir");
+        let mut cmd = Command::new(ROUTER);
+        cmd.current_dir(&cwd)
+            .env_clear()
+            .env("LOG_DIR", dir.join("logs"))
+            .envs(envs.iter().copied())
+            .args([
+                "run",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--log-level",
+                "debug",
+            ])
+            .arg("--config")
+            .arg(&config)
+            .args(args)
+            .stderr(Stdio::null());
+        match spawn_listening(cmd, "vllm-router") {
+            Ok((proc, addr)) => Ok(Router { proc, addr, dir }),
+            Err(e) => Err(format!("{e}\n--- log ---\n{}", read_log(&dir))),
+        }
+    }
+
+    /// Waits until `/health` counts every server healthy (it is open even when the
+    /// router requires an API key).
+    pub fn wait_all_healthy(&self) {
+        wait_until(Duration::from_secs(10), "every backend healthy", || {
+            let health = self.get_json("/health");
+            health["healthy_servers"] == health["total_servers"]
+        });
+    }
+}
