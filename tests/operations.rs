@@ -577,7 +577,7 @@ fn a_server_removed_and_added_back_starts_afresh_and_nothing_leaks() {
         thread::spawn(move || {
             post(
                 addr,
-                &[("x-mock-tokens", "12"), ("x-mock-delay-ms", "250")],
+                &[("x-mock-tokens", "24"), ("x-mock-delay-ms", "250")],
                 &chat_for("model-b"),
             )
             .status
