@@ -2,8 +2,14 @@
 CARGO ?= cargo
 RELEASE_BIN := target/release/vllm-router
 MOCK_BIN := target/release/mock-vllm
+# `make static`: a fully static x86_64 Linux binary (musl; see deploy/static.sh).
+STATIC_BIN := $(or $(CARGO_TARGET_DIR),target)/static/vllm-router
+# `make install`: PREFIX for the binary; DESTDIR for staged installs (packaging).
+PREFIX ?= /usr/local
+DESTDIR ?=
+SYSTEMD_UNIT_DIR ?= /etc/systemd/system
 
-.PHONY: build run test lint demo clean
+.PHONY: build run test lint demo clean static install deploy-check
 
 build:
 	$(CARGO) build --release --locked
@@ -40,3 +46,38 @@ demo: build
 
 clean:
 	$(CARGO) clean
+
+## A fully static x86_64 Linux binary in target/static/vllm-router, checked to be
+## static (no interpreter, no shared libraries): copy it to any x86_64 Linux host.
+static:
+	CARGO="$(CARGO)" ./deploy/static.sh
+
+$(STATIC_BIN):
+	CARGO="$(CARGO)" ./deploy/static.sh
+
+## Install the static binary, /etc/vllm-router/servers.toml (kept if present), the
+## systemd unit and the logrotate file. Build first (`make static`), then as root
+## `make install`; DESTDIR stages the tree elsewhere.
+install: $(STATIC_BIN)
+	install -d $(DESTDIR)$(PREFIX)/bin
+	install -m 0755 $(STATIC_BIN) $(DESTDIR)$(PREFIX)/bin/vllm-router
+	install -d -m 0755 $(DESTDIR)/etc/vllm-router
+	@if [ -e $(DESTDIR)/etc/vllm-router/servers.toml ]; then \
+		echo "keeping existing $(DESTDIR)/etc/vllm-router/servers.toml"; \
+	else \
+		install -m 0644 servers.toml $(DESTDIR)/etc/vllm-router/servers.toml; \
+	fi
+	install -d $(DESTDIR)$(SYSTEMD_UNIT_DIR)
+	sed 's|/usr/local/bin/vllm-router|$(PREFIX)/bin/vllm-router|g' deploy/systemd/vllm-router.service \
+		> $(DESTDIR)$(SYSTEMD_UNIT_DIR)/vllm-router.service.tmp
+	chmod 0644 $(DESTDIR)$(SYSTEMD_UNIT_DIR)/vllm-router.service.tmp
+	mv -f $(DESTDIR)$(SYSTEMD_UNIT_DIR)/vllm-router.service.tmp $(DESTDIR)$(SYSTEMD_UNIT_DIR)/vllm-router.service
+	install -d $(DESTDIR)/etc/logrotate.d
+	install -m 0644 deploy/logrotate/vllm-router $(DESTDIR)/etc/logrotate.d/vllm-router
+	@echo "installed; now: systemctl daemon-reload && systemctl enable --now vllm-router"
+
+## Deployment checks (CI runs them after `make test`): Dockerfile lint, compose and
+## Kubernetes manifests, Helm chart render, systemd unit, logrotate, and the static
+## binary run from an empty directory up to /readyz and a clean SIGTERM exit.
+deploy-check:
+	CARGO="$(CARGO)" ./deploy/check.sh

@@ -122,6 +122,16 @@ fn run(args: RunArgs, env: &dyn Fn(&str) -> Option<String>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    // A panic on any thread (a request handler, or tiny_http's accept thread running
+    // out of file descriptors) is an error line in the log, not a backtrace on stderr;
+    // the code around it decides what happens next.
+    std::panic::set_hook(Box::new(|info| {
+        let thread = std::thread::current();
+        log::error!(
+            "panic on thread {}: {info}",
+            thread.name().unwrap_or("unnamed")
+        );
+    }));
     match serve(
         config,
         source,

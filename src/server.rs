@@ -7,15 +7,20 @@
 //! request waiting in the admission queue, so the pool must be larger than every slot
 //! plus the whole queue; otherwise requests would wait in tiny_http's queue where
 //! neither `queue_timeout` nor `max_queue_size` can see them (`worker_count`).
+//!
+//! tiny_http's accept loop can die (see `Http`); a watchdog notices connections that
+//! wait unaccepted and starts a new one on the same socket.
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread;
+use std::time::{Duration, Instant};
 
-use parking_lot::Mutex;
+use parking_lot::{Mutex, RwLock};
 
 use crate::config::Config;
 use crate::endpoints;
@@ -50,22 +55,22 @@ pub fn worker_count(config: &Config) -> usize {
 /// The worker pool. It only grows: a reload that raises the capacity or the queue
 /// adds workers; threads are never taken away from requests that may be running.
 pub struct Pool {
-    server: Arc<tiny_http::Server>,
+    http: Http,
     shared: Arc<Shared>,
     size: Mutex<usize>,
 }
 
 impl Pool {
     /// Starts workers until the pool has `n`.
-    pub fn grow_to(&self, n: usize) -> Result<(), String> {
+    pub fn grow_to(self: &Arc<Self>, n: usize) -> Result<(), String> {
         let mut size = self.size.lock();
         while *size < n {
             let i = *size;
-            let (server, shared) = (Arc::clone(&self.server), Arc::clone(&self.shared));
+            let pool = Arc::clone(self);
             thread::Builder::new()
                 .name(format!("worker-{i}"))
                 .stack_size(WORKER_STACK)
-                .spawn(move || worker(&server, &shared))
+                .spawn(move || worker(&pool))
                 .map_err(|e| format!("cannot start worker thread {i} of {n}: {e}"))?;
             *size += 1;
         }
@@ -75,6 +80,164 @@ impl Pool {
     pub fn size(&self) -> usize {
         *self.size.lock()
     }
+}
+
+/// The tiny_http servers on the listening socket. tiny_http ends its accept loop for
+/// good on any accept error but `ECONNABORTED` (running out of file descriptors, for
+/// one). When that happens a new server is started on a duplicate of the same socket
+/// (`restart`), and the old one is kept as `retired` for a while: the connections it
+/// accepted still send their requests through it.
+struct Http {
+    addr: SocketAddr,
+    /// A duplicate of the listening socket, kept to start new servers from.
+    spare: TcpListener,
+    current: RwLock<Arc<tiny_http::Server>>,
+    retired: Mutex<Vec<(Arc<tiny_http::Server>, Instant)>>,
+    restarting: AtomicBool,
+}
+
+impl Http {
+    fn new(listener: TcpListener, addr: SocketAddr) -> Result<Http, String> {
+        let spare = listener
+            .try_clone()
+            .map_err(|e| format!("cannot duplicate the listening socket: {e}"))?;
+        let server = new_server(listener, addr)?;
+        Ok(Http {
+            addr,
+            spare,
+            current: RwLock::new(Arc::new(server)),
+            retired: Mutex::new(Vec::new()),
+            restarting: AtomicBool::new(false),
+        })
+    }
+
+    fn current(&self) -> Arc<tiny_http::Server> {
+        Arc::clone(&self.current.read())
+    }
+
+    /// Takes one waiting request from a retired server, if any has one; forgets
+    /// retired servers after `RETIRED_FOR`.
+    fn retired_request(&self) -> Option<tiny_http::Request> {
+        let mut retired = self.retired.lock();
+        retired.retain(|(_, since)| since.elapsed() < RETIRED_FOR);
+        retired
+            .iter()
+            .find_map(|(server, _)| server.try_recv().ok().flatten())
+    }
+
+    /// The accept loop of `dead` has ended: start a new server, once, retrying while
+    /// the process cannot get a file descriptor for it.
+    fn restart(pool: &Arc<Pool>, dead: &Arc<tiny_http::Server>, why: &io::Error) {
+        let http = &pool.http;
+        if !Arc::ptr_eq(dead, &http.current()) || http.restarting.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        log::error!("the accept loop stopped ({why}); starting it again");
+        let owned = Arc::clone(pool);
+        let spawned = thread::Builder::new()
+            .name("accept-restart".to_owned())
+            .spawn(move || {
+                let http = &owned.http;
+                let mut pause = Duration::from_millis(50);
+                loop {
+                    let started = http
+                        .spare
+                        .try_clone()
+                        .map_err(|e| e.to_string())
+                        .and_then(|l| new_server(l, http.addr));
+                    match started {
+                        Ok(server) => {
+                            let old =
+                                std::mem::replace(&mut *http.current.write(), Arc::new(server));
+                            http.retired.lock().push((old, Instant::now()));
+                            http.restarting.store(false, Ordering::SeqCst);
+                            log::warn!("accepting connections again on {}", http.addr);
+                            return;
+                        }
+                        Err(e) => {
+                            log::debug!("cannot restart the accept loop yet: {e}");
+                            thread::sleep(pause);
+                            pause = (pause * 2).min(Duration::from_secs(1));
+                        }
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            pool.http.restarting.store(false, Ordering::SeqCst);
+            log::error!("cannot start the accept-restart thread: {e}");
+        }
+    }
+}
+
+/// Watches the listening socket: connections waiting in its accept queue through
+/// `STUCK_POLLS` polls in a row mean no accept loop is taking them (tiny_http's accept
+/// thread also dies by panicking when it cannot duplicate an accepted socket for lack
+/// of file descriptors, without a word to the workers). A live accept loop empties the
+/// queue at once, however busy the workers are, so this never fires on load alone.
+fn watch_accept_queue(pool: &Arc<Pool>) {
+    let mut stuck = 0;
+    loop {
+        thread::sleep(WATCH_EVERY);
+        stuck = match accept_queue_len(&pool.http.spare) {
+            Ok(0) => 0,
+            Ok(_) => stuck + 1,
+            Err(e) => {
+                log::debug!("cannot read the accept queue: {e}");
+                0
+            }
+        };
+        if stuck >= STUCK_POLLS {
+            stuck = 0;
+            let dead = pool.http.current();
+            let why = io::Error::other("connections are waiting and none is accepted");
+            Http::restart(pool, &dead, &why);
+        }
+    }
+}
+
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+const STUCK_POLLS: u32 = 4;
+
+/// The number of connections waiting in the listening socket's accept queue (Linux
+/// reports it as `tcpi_unacked` of a listening socket).
+fn accept_queue_len(listener: &TcpListener) -> io::Result<u32> {
+    // SAFETY: `tcp_info` is plain old data, so all zeroes is a valid value.
+    #[allow(unsafe_code)]
+    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+    // SAFETY: the fd is an open socket for the duration of the call; `info` and `len`
+    // are live and `len` holds the size of `info`.
+    #[allow(unsafe_code)]
+    let rc = unsafe {
+        libc::getsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            (&mut info as *mut libc::tcp_info).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(info.tcpi_unacked)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// How long a retired server's connections are still served.
+const RETIRED_FOR: Duration = Duration::from_secs(600);
+
+/// How long an idle worker waits on the current server before looking at retired
+/// ones and at a possibly restarted current one.
+const IDLE_POLL: Duration = Duration::from_secs(1);
+
+fn new_server(listener: TcpListener, addr: SocketAddr) -> Result<tiny_http::Server, String> {
+    // No idle connection threads kept in advance: each restart would leave them behind.
+    let config = tiny_http::ServerConfig::new_http(addr)
+        .map_err(|e| format!("bad listen address {addr}: {e}"))?
+        .set_min_threads(0);
+    tiny_http::Server::from_listener(listener, addr.into(), config)
+        .map_err(|e| format!("cannot start the HTTP server on {addr}: {e}"))
 }
 
 /// Binds `host:port` and starts a pool of `workers` threads.
@@ -91,16 +254,17 @@ pub fn start(
     let addr = listener
         .local_addr()
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
-    let config = tiny_http::ServerConfig::new_http(addr)
-        .map_err(|e| format!("bad listen address {addr}: {e}"))?;
-    let server = tiny_http::Server::from_listener(listener, addr.into(), config)
-        .map_err(|e| format!("cannot start the HTTP server on {addr}: {e}"))?;
     let pool = Arc::new(Pool {
-        server: Arc::new(server),
+        http: Http::new(listener, addr)?,
         shared,
         size: Mutex::new(0),
     });
     pool.grow_to(workers)?;
+    let watched = Arc::clone(&pool);
+    thread::Builder::new()
+        .name("accept-watchdog".to_owned())
+        .spawn(move || watch_accept_queue(&watched))
+        .map_err(|e| format!("cannot start the accept watchdog: {e}"))?;
     Ok((addr, pool))
 }
 
@@ -128,18 +292,21 @@ fn set_nodelay(listener: &TcpListener) -> io::Result<()> {
     }
 }
 
-fn worker(server: &tiny_http::Server, shared: &Arc<Shared>) {
+fn worker(pool: &Arc<Pool>) {
     loop {
-        match server.recv() {
-            Ok(Ok(request)) => serve(request, shared),
+        let server = pool.http.current();
+        match server.recv_timeout(IDLE_POLL) {
+            Ok(Ok(Some(request))) => serve(request, &pool.shared),
+            Ok(Ok(None)) => {
+                if let Some(request) = pool.http.retired_request() {
+                    serve(request, &pool.shared);
+                }
+            }
             // tiny_http has already answered a malformed request with 400. Its error
             // type is private, and a client closing an idle keep-alive connection
             // arrives here too, so this is trace, not debug.
             Ok(Err(e)) => log::trace!("unreadable request: {e}"),
-            Err(e) => {
-                log::error!("the HTTP server stopped accepting connections: {e}");
-                return;
-            }
+            Err(e) => Http::restart(pool, &server, &e),
         }
     }
 }

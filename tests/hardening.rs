@@ -1157,3 +1157,26 @@ fn an_invalid_api_key_variable_stops_the_router_without_showing_the_key() {
     assert!(err.contains("API_KEY"), "{err}");
     assert_no_secret(&err, &[secret, "a-space-secret"], "the start-up error");
 }
+
+/// tiny_http's accept thread dies when the process runs out of file descriptors (it
+/// panics duplicating an accepted socket). The router must shed the excess and take
+/// connections again once the pressure ends.
+#[test]
+fn running_out_of_file_descriptors_sheds_load_and_recovers() {
+    let mock = Mock::start(&[]);
+    let router =
+        Router::start_with_fd_limit(&crate::support::servers_toml(&[(&mock.url, 2)], ""), 64)
+            .expect("router starts");
+    router.wait_all_healthy();
+    // Far more connections than descriptors: the router cannot accept them all.
+    let held: Vec<std::net::TcpStream> = (0..120)
+        .filter_map(|_| std::net::TcpStream::connect(router.addr).ok())
+        .collect();
+    assert!(held.len() > 64, "only {} connections opened", held.len());
+    drop(held);
+    wait_until(Duration::from_secs(20), "the router answers again", || {
+        crate::support::try_get(router.addr, "/livez").is_some_and(|r| r.status == 200)
+    });
+    let resp = crate::support::post(router.addr, &[], crate::support::CHAT_BODY);
+    assert_eq!(resp.status, 200, "{}", resp.text());
+}

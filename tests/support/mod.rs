@@ -151,15 +151,21 @@ impl Router {
     }
 
     pub fn start_with(toml: &str, args: &[&str], envs: &[(&str, &str)]) -> Result<Router, String> {
-        Router::launch(toml, args, envs, |_| {})
+        Router::launch(toml, args, envs, None, |_| {})
     }
 
     /// Writes the config into a fresh directory and starts the router on it, running
     /// `during_startup` on another thread as soon as the process is spawned.
+    /// Starts the router with at most `nofile` open file descriptors.
+    pub fn start_with_fd_limit(toml: &str, nofile: u64) -> Result<Router, String> {
+        Router::launch(toml, &[], &[], Some(nofile), |_| {})
+    }
+
     fn launch(
         toml: &str,
         args: &[&str],
         envs: &[(&str, &str)],
+        nofile: Option<u64>,
         during_startup: impl FnOnce(PathBuf) + Send + 'static,
     ) -> Result<Router, String> {
         let dir = test_dir("router");
@@ -183,6 +189,24 @@ impl Router {
             .arg(&config)
             .args(args)
             .stderr(Stdio::null());
+        if let Some(n) = nofile {
+            use std::os::unix::process::CommandExt;
+            let limit = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: n,
+            };
+            // SAFETY: between fork and exec the closure only calls setrlimit, which is
+            // async-signal-safe, on a value it owns.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        }
         let racer = {
             let dir = dir.clone();
             std::thread::spawn(move || during_startup(dir))
@@ -587,7 +611,7 @@ impl Router {
         args: &[&str],
         during_startup: impl FnOnce(PathBuf) + Send + 'static,
     ) -> Result<Router, String> {
-        Router::launch(toml, args, &[], during_startup)
+        Router::launch(toml, args, &[], None, during_startup)
     }
 }
 
@@ -611,15 +635,43 @@ pub fn post(addr: SocketAddr, headers: &[(&str, &str)], body: &str) -> Resp {
 /// Like `post`, but a refused connection or a broken reply is an `Err`, not a panic:
 /// a router that is shutting down may do either.
 pub fn try_post(addr: SocketAddr, headers: &[(&str, &str)], body: &str) -> Result<Resp, String> {
-    let stream = TcpStream::connect(addr).map_err(|e| format!("connect: {e}"))?;
+    let mut all = vec![("Content-Type", "application/json")];
+    all.extend_from_slice(headers);
+    try_request(addr, "POST", CHAT, &all, body)
+}
+
+/// A GET that gives `None` instead of panicking when the router does not answer in
+/// 2 s (or refuses the connection).
+pub fn try_get(addr: SocketAddr, path: &str) -> Option<Resp> {
+    try_request_within(addr, "GET", path, &[], "", Duration::from_secs(2)).ok()
+}
+
+fn try_request(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<Resp, String> {
+    try_request_within(addr, method, path, headers, body, Duration::from_secs(30))
+}
+
+fn try_request_within(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+    timeout: Duration,
+) -> Result<Resp, String> {
+    let stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
     stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
+        .set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
     let reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
     let mut conn = Conn { stream, reader };
     let mut head = format!(
-        "POST {CHAT} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\nConnection: close\r\n",
         body.len()
     );
     for (n, v) in headers {
@@ -630,7 +682,7 @@ pub fn try_post(addr: SocketAddr, headers: &[(&str, &str)], body: &str) -> Resul
     conn.stream
         .write_all(head.as_bytes())
         .map_err(|e| format!("send: {e}"))?;
-    conn.read_response(false)
+    conn.read_response(method == "HEAD")
 }
 
 /// A steady load of sequential requests on a few client threads, counting anything
