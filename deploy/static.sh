@@ -39,12 +39,12 @@ case "$kind" in
 esac
 
 if [ "$kind" = musl ]; then
-    "$CARGO" build --release --locked --target "$MUSL" --bin vllm-router
+    "$CARGO" build --release --locked --target "$MUSL" --bin vllm-router ${FEATURES:+--features "$FEATURES"}
     bin=$tgt/$MUSL/release/vllm-router
 else
     # With --target, RUSTFLAGS reach only the target's code, not build scripts.
     RUSTFLAGS="${RUSTFLAGS:-} -C target-feature=+crt-static" \
-        "$CARGO" build --release --locked --target "$GNU" --bin vllm-router
+        "$CARGO" build --release --locked --target "$GNU" --bin vllm-router ${FEATURES:+--features "$FEATURES"}
     bin=$tgt/$GNU/release/vllm-router
 fi
 

@@ -80,6 +80,12 @@ pub struct Settings {
     pub file_api_keys: Vec<Secret>,
     /// Whether `/metrics` and `/load-stats` need a key too.
     pub protect_status_endpoints: bool,
+    /// HTTPS on the listening side: a PEM certificate chain and its private key
+    /// (resolved against the config file's directory).
+    pub tls_cert_file: Option<PathBuf>,
+    pub tls_key_file: Option<PathBuf>,
+    /// PEM certificates to trust for https:// backends, instead of the public roots.
+    pub tls_ca_file: Option<PathBuf>,
     /// `None` leaves the choice to the caller (command line or its default).
     pub host: Option<String>,
     pub port: Option<u16>,
@@ -112,6 +118,9 @@ impl Default for Settings {
             api_keys_file: None,
             file_api_keys: Vec::new(),
             protect_status_endpoints: false,
+            tls_cert_file: None,
+            tls_key_file: None,
+            tls_ca_file: None,
             host: None,
             port: None,
             log_level: None,
@@ -347,6 +356,15 @@ const KEYS: &[Key] = &[
     Key { name: "protect_status_endpoints",
         set: |s, v| v.boolean().map(|b| s.protect_status_endpoints = b),
         show: |s| s.protect_status_endpoints.to_string() },
+    Key { name: "tls_cert_file",
+        set: |s, v| v.path().map(|p| s.tls_cert_file = Some(p)),
+        show: |s| s.tls_cert_file.as_ref().map_or_else(|| UNSET.into(), |p| p.display().to_string()) },
+    Key { name: "tls_key_file",
+        set: |s, v| v.path().map(|p| s.tls_key_file = Some(p)),
+        show: |s| s.tls_key_file.as_ref().map_or_else(|| UNSET.into(), |p| p.display().to_string()) },
+    Key { name: "tls_ca_file",
+        set: |s, v| v.path().map(|p| s.tls_ca_file = Some(p)),
+        show: |s| s.tls_ca_file.as_ref().map_or_else(|| UNSET.into(), |p| p.display().to_string()) },
     Key { name: "host",
         set: |s, v| v.host().map(|h| s.host = Some(h)),
         show: |s| s.host.clone().unwrap_or_else(|| UNSET.into()) },
@@ -410,7 +428,33 @@ fn document(root: &DeTable, text: &str, base: &Path) -> Result<(Vec<ServerConfig
         }
     }
     let servers = servers.ok_or_else(|| Bad(None, NO_SERVERS.to_string()))?;
+    check_tls(&mut settings, base)?;
     Ok((servers, settings))
+}
+
+/// TLS files are read relative to the config file; certificate and key go together;
+/// a build without the `tls` feature refuses them rather than serving plain HTTP.
+fn check_tls(settings: &mut Settings, base: &Path) -> Result<(), Bad> {
+    for file in [
+        &mut settings.tls_cert_file,
+        &mut settings.tls_key_file,
+        &mut settings.tls_ca_file,
+    ] {
+        if let Some(path) = file.take() {
+            *file = Some(base.join(path));
+        }
+    }
+    if settings.tls_cert_file.is_some() != settings.tls_key_file.is_some() {
+        let msg = "set both tls_cert_file and tls_key_file to serve HTTPS, or neither";
+        return Err(Bad(None, msg.to_string()));
+    }
+    let uses_tls = settings.tls_cert_file.is_some() || settings.tls_ca_file.is_some();
+    if uses_tls && !cfg!(feature = "tls") {
+        let msg = "tls_cert_file, tls_key_file and tls_ca_file need a build with TLS: \
+                   `cargo build --release --features tls` (or `make build FEATURES=tls`)";
+        return Err(Bad(None, msg.to_string()));
+    }
+    Ok(())
 }
 
 fn servers_table(val: &Val) -> Result<Vec<ServerConfig>, Bad> {

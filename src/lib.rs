@@ -18,4 +18,5 @@ pub mod reload;
 pub mod server;
 pub mod shared;
 pub mod signals;
+pub mod tls;
 pub mod wire;

@@ -9,7 +9,7 @@ use argh::FromArgs;
 
 use vllm_router::auth::{self, Secret};
 use vllm_router::cli::{self, CheckConfigArgs, Cli, Command, HealthcheckArgs, RunArgs};
-use vllm_router::{config, health, logging, reload, server, shared::Shared, signals};
+use vllm_router::{config, health, logging, reload, server, shared::Shared, signals, tls};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -169,12 +169,19 @@ fn serve(
     {
         return Err("API_KEY must be a key without spaces or control characters".to_owned());
     }
-    let shared = Shared::new(config, env_api_key);
+    let identity = tls::server_identity(&config.settings)?;
+    let shared = Shared::new(config, env_api_key)?;
     // Signals first, so a SIGTERM during start-up is not lost.
     let signals = signals::listen()?;
     health::spawn(Arc::clone(&shared))
         .map_err(|e| format!("cannot start the health thread: {e}"))?;
-    let (addr, pool) = server::start(Arc::clone(&shared), &settings.host, settings.port, workers)?;
+    let (addr, pool) = server::start(
+        Arc::clone(&shared),
+        &settings.host,
+        settings.port,
+        identity,
+        workers,
+    )?;
     let _pid_file = pid_file.map(PidFile::create).transpose()?;
     reload::spawn(
         Arc::clone(&shared),
@@ -185,7 +192,12 @@ fn serve(
     )
     .map_err(|e| format!("cannot start the reload thread: {e}"))?;
     // Scripts and tests read the bound address (with --port 0) from this line.
-    println!("vllm-router listening on http://{addr}");
+    let scheme = if shared.config().settings.tls_cert_file.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    println!("vllm-router listening on {scheme}://{addr}");
     log::info!(
         "vllm-router {} listening on {addr} with {workers} workers, {n_servers} backends, config {}",
         env!("CARGO_PKG_VERSION"),

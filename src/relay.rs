@@ -33,8 +33,7 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// The size of one read from the backend, and so the largest chunk sent to the client.
 const READ_BUF: usize = 16 * 1024;
 
-/// The largest reply read whole for an HTTP/1.0 keep-alive client, which needs a
-/// Content-Length before the body.
+/// The largest reply read whole for an HTTP/1.0 client, which gets a Content-Length.
 const MAX_BUFFERED: u64 = 64 * 1024 * 1024;
 
 /// How relaying a reply ended.
@@ -121,7 +120,12 @@ fn proxy(mut request: Request, shared: &Arc<Shared>, access: &mut Access) {
     access.queue_wait = slot.queued_for;
     let end = relay_response(request, response, access);
     access.outcome = match &end {
-        End::Complete => "complete",
+        End::Complete => {
+            if !is_backend_failure(access.status) {
+                shared.table.request_succeeded(slot.backend_id());
+            }
+            "complete"
+        }
         End::ClientGone => "client_gone",
         End::BackendBroke(why) => {
             exchange.record_failure(&slot, why);
@@ -234,7 +238,8 @@ impl Exchange<'_> {
                 Ok(response) if is_backend_failure(response.status().as_u16()) => {
                     self.record_failure(&slot, &format!("replied {}", response.status().as_u16()));
                 }
-                Ok(_) => self.shared.table.request_succeeded(slot.backend_id()),
+                // Success is recorded once the whole reply has been relayed.
+                Ok(_) => {}
                 // A request the router could not even build is the client's fault.
                 Err(failure) if matches!(failure.err, RouterError::BadRequest(_)) => {}
                 Err(failure) => self.record_failure(&slot, &failure.err.to_string()),
@@ -509,8 +514,9 @@ fn relay_response(
     end
 }
 
-/// HTTP/1.0 keep-alive clients need a Content-Length, so their reply is read whole
-/// first (up to `MAX_BUFFERED`). Everyone else gets the body as it arrives.
+/// HTTP/1.0 clients get their reply read whole first (up to `MAX_BUFFERED`) and sent
+/// with a Content-Length, so a backend that breaks off becomes a 502, never a reply
+/// that looks complete. Everyone else gets the body as it arrives.
 fn relay_buffered(
     request: Request,
     status: u16,

@@ -116,8 +116,16 @@ impl Reloader {
         let trusted = !new.settings.enable_active_health_check;
         let changes = self.shared.table.apply_servers(&new.servers, trusted);
         let settings = old.settings.changed_keys(&new.settings);
-        if old.settings.host != new.settings.host || old.settings.port != new.settings.port {
+        let (a, b) = (&old.settings, &new.settings);
+        if a.host != b.host || a.port != b.port {
             log::warn!("config reload: host or port changed in the file; restart the router to listen there");
+        }
+        if (&a.tls_cert_file, &a.tls_key_file, &a.tls_ca_file)
+            != (&b.tls_cert_file, &b.tls_key_file, &b.tls_ca_file)
+        {
+            log::warn!(
+                "config reload: TLS files changed in the file; restart the router to use them"
+            );
         }
         let workers = server::worker_count(&new);
         self.shared.replace_config(new);

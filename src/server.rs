@@ -15,7 +15,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -58,6 +58,8 @@ pub struct Pool {
     http: Http,
     shared: Arc<Shared>,
     size: Mutex<usize>,
+    /// Requests taken from tiny_http so far: the watchdog's sign of progress.
+    received: AtomicU64,
 }
 
 impl Pool {
@@ -91,22 +93,32 @@ struct Http {
     addr: SocketAddr,
     /// A duplicate of the listening socket, kept to start new servers from.
     spare: TcpListener,
+    /// The TLS identity, when the router serves HTTPS.
+    identity: Option<tiny_http::SslConfig>,
     current: RwLock<Arc<tiny_http::Server>>,
     retired: Mutex<Vec<(Arc<tiny_http::Server>, Instant)>>,
+    /// Whether `retired` is not empty, read by idle workers without the lock.
+    has_retired: AtomicBool,
     restarting: AtomicBool,
 }
 
 impl Http {
-    fn new(listener: TcpListener, addr: SocketAddr) -> Result<Http, String> {
+    fn new(
+        listener: TcpListener,
+        addr: SocketAddr,
+        identity: Option<tiny_http::SslConfig>,
+    ) -> Result<Http, String> {
         let spare = listener
             .try_clone()
             .map_err(|e| format!("cannot duplicate the listening socket: {e}"))?;
-        let server = new_server(listener, addr)?;
+        let server = new_server(listener, addr, identity.clone())?;
         Ok(Http {
             addr,
             spare,
+            identity,
             current: RwLock::new(Arc::new(server)),
             retired: Mutex::new(Vec::new()),
+            has_retired: AtomicBool::new(false),
             restarting: AtomicBool::new(false),
         })
     }
@@ -120,9 +132,21 @@ impl Http {
     fn retired_request(&self) -> Option<tiny_http::Request> {
         let mut retired = self.retired.lock();
         retired.retain(|(_, since)| since.elapsed() < RETIRED_FOR);
+        self.has_retired
+            .store(!retired.is_empty(), Ordering::Relaxed);
         retired
             .iter()
             .find_map(|(server, _)| server.try_recv().ok().flatten())
+    }
+
+    /// How long an idle worker waits on the current server: briefly while retired
+    /// servers may still have requests, so theirs wait little.
+    fn idle_poll(&self) -> Duration {
+        if self.has_retired.load(Ordering::Relaxed) {
+            RETIRED_POLL
+        } else {
+            IDLE_POLL
+        }
     }
 
     /// The accept loop of `dead` has ended: start a new server, once, retrying while
@@ -144,12 +168,13 @@ impl Http {
                         .spare
                         .try_clone()
                         .map_err(|e| e.to_string())
-                        .and_then(|l| new_server(l, http.addr));
+                        .and_then(|l| new_server(l, http.addr, http.identity.clone()));
                     match started {
                         Ok(server) => {
                             let old =
                                 std::mem::replace(&mut *http.current.write(), Arc::new(server));
                             http.retired.lock().push((old, Instant::now()));
+                            http.has_retired.store(true, Ordering::Relaxed);
                             http.restarting.store(false, Ordering::SeqCst);
                             log::warn!("accepting connections again on {}", http.addr);
                             return;
@@ -170,16 +195,21 @@ impl Http {
 }
 
 /// Watches the listening socket: connections waiting in its accept queue through
-/// `STUCK_POLLS` polls in a row mean no accept loop is taking them (tiny_http's accept
-/// thread also dies by panicking when it cannot duplicate an accepted socket for lack
-/// of file descriptors, without a word to the workers). A live accept loop empties the
-/// queue at once, however busy the workers are, so this never fires on load alone.
+/// `STUCK_POLLS` polls in a row while no request at all reaches the workers mean no
+/// accept loop is taking them (tiny_http's accept thread also dies by panicking when
+/// it cannot duplicate an accepted socket for lack of file descriptors, without a word
+/// to the workers). Under a high connection rate the queue is seldom empty, but
+/// requests keep arriving, so load alone does not look stuck.
 fn watch_accept_queue(pool: &Arc<Pool>) {
     let mut stuck = 0;
+    let mut seen = pool.received.load(Ordering::Relaxed);
     loop {
         thread::sleep(WATCH_EVERY);
+        let received = pool.received.load(Ordering::Relaxed);
+        let progress = std::mem::replace(&mut seen, received) != received;
         stuck = match accept_queue_len(&pool.http.spare) {
             Ok(0) => 0,
+            Ok(_) if progress => 0,
             Ok(_) => stuck + 1,
             Err(e) => {
                 log::debug!("cannot read the accept queue: {e}");
@@ -230,21 +260,30 @@ const RETIRED_FOR: Duration = Duration::from_secs(600);
 /// How long an idle worker waits on the current server before looking at retired
 /// ones and at a possibly restarted current one.
 const IDLE_POLL: Duration = Duration::from_secs(1);
+/// The same while retired servers exist.
+const RETIRED_POLL: Duration = Duration::from_millis(50);
 
-fn new_server(listener: TcpListener, addr: SocketAddr) -> Result<tiny_http::Server, String> {
+fn new_server(
+    listener: TcpListener,
+    addr: SocketAddr,
+    identity: Option<tiny_http::SslConfig>,
+) -> Result<tiny_http::Server, String> {
     // No idle connection threads kept in advance: each restart would leave them behind.
-    let config = tiny_http::ServerConfig::new_http(addr)
+    let mut config = tiny_http::ServerConfig::new_http(addr)
         .map_err(|e| format!("bad listen address {addr}: {e}"))?
         .set_min_threads(0);
+    config.ssl = identity;
     tiny_http::Server::from_listener(listener, addr.into(), config)
         .map_err(|e| format!("cannot start the HTTP server on {addr}: {e}"))
 }
 
-/// Binds `host:port` and starts a pool of `workers` threads.
+/// Binds `host:port` and starts a pool of `workers` threads; serves HTTPS with
+/// `identity`.
 pub fn start(
     shared: Arc<Shared>,
     host: &str,
     port: u16,
+    identity: Option<tiny_http::SslConfig>,
     workers: usize,
 ) -> Result<(SocketAddr, Arc<Pool>), String> {
     let listener = TcpListener::bind((host, port))
@@ -255,9 +294,10 @@ pub fn start(
         .local_addr()
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
     let pool = Arc::new(Pool {
-        http: Http::new(listener, addr)?,
+        http: Http::new(listener, addr, identity)?,
         shared,
         size: Mutex::new(0),
+        received: AtomicU64::new(0),
     });
     pool.grow_to(workers)?;
     let watched = Arc::clone(&pool);
@@ -295,19 +335,30 @@ fn set_nodelay(listener: &TcpListener) -> io::Result<()> {
 fn worker(pool: &Arc<Pool>) {
     loop {
         let server = pool.http.current();
-        match server.recv_timeout(IDLE_POLL) {
-            Ok(Ok(Some(request))) => serve(request, &pool.shared),
-            Ok(Ok(None)) => {
-                if let Some(request) = pool.http.retired_request() {
-                    serve(request, &pool.shared);
+        match server.recv_timeout(pool.http.idle_poll()) {
+            Ok(Ok(Some(request))) => {
+                pool.received.fetch_add(1, Ordering::Relaxed);
+                serve(request, &pool.shared);
+                // A busy pool never idles: look at the retired servers between
+                // requests too, so their connections are not starved.
+                if pool.http.has_retired.load(Ordering::Relaxed) {
+                    serve_retired(pool);
                 }
             }
+            Ok(Ok(None)) => serve_retired(pool),
             // tiny_http has already answered a malformed request with 400. Its error
             // type is private, and a client closing an idle keep-alive connection
             // arrives here too, so this is trace, not debug.
             Ok(Err(e)) => log::trace!("unreadable request: {e}"),
             Err(e) => Http::restart(pool, &server, &e),
         }
+    }
+}
+
+fn serve_retired(pool: &Arc<Pool>) {
+    if let Some(request) = pool.http.retired_request() {
+        pool.received.fetch_add(1, Ordering::Relaxed);
+        serve(request, &pool.shared);
     }
 }
 

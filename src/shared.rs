@@ -32,17 +32,18 @@ pub struct Shared {
 
 impl Shared {
     /// `env_api_key` is the `API_KEY` environment variable, read once at start.
-    pub fn new(config: Config, env_api_key: Option<Secret>) -> Arc<Shared> {
+    pub fn new(config: Config, env_api_key: Option<Secret>) -> Result<Arc<Shared>, String> {
         let table = Table::new(&config.servers, !config.settings.enable_active_health_check);
-        Arc::new(Shared {
+        let agent = backend_agent(&config.settings)?;
+        Ok(Arc::new(Shared {
             env_api_key,
             config: RwLock::new(Arc::new(config)),
             table,
-            agent: backend_agent(),
+            agent,
             metrics: Metrics::default(),
             started: Instant::now(),
             draining: AtomicBool::new(false),
-        })
+        }))
     }
 
     /// The current config. A request takes this snapshot once and keeps it to the end,
@@ -85,9 +86,14 @@ impl Shared {
 /// relays: no redirects followed, no status turned into an error, no User-Agent,
 /// Accept or Accept-Encoding of its own, and no decompression (the gzip feature is off
 /// in Cargo.toml) so bodies reach the client as the backend sent them.
-fn backend_agent() -> ureq::Agent {
+fn backend_agent(settings: &crate::config::Settings) -> Result<ureq::Agent, String> {
     use ureq::config::AutoHeaderValue;
-    ureq::Agent::config_builder()
+    let builder = ureq::Agent::config_builder();
+    #[cfg(feature = "tls")]
+    let builder = builder.tls_config(crate::tls::client_config(settings)?);
+    #[cfg(not(feature = "tls"))]
+    let _ = settings;
+    Ok(builder
         .http_status_as_error(false)
         .max_redirects(0)
         .max_redirects_will_error(false)
@@ -100,5 +106,5 @@ fn backend_agent() -> ureq::Agent {
         .max_idle_connections(1024)
         .max_idle_connections_per_host(256)
         .build()
-        .new_agent()
+        .new_agent())
 }

@@ -27,9 +27,6 @@ use crate::error::RouterError;
 pub enum Framing {
     /// `Transfer-Encoding: chunked`: HTTP/1.1 clients.
     Chunked,
-    /// The body ends when the connection closes: HTTP/1.0 clients that did not ask
-    /// for keep-alive.
-    UntilClose,
     /// No body at all (HEAD, 204, 304).
     None,
 }
@@ -59,16 +56,12 @@ impl ClientConn {
         }
     }
 
-    /// The framing for a body whose length is not known up front.
+    /// The framing for a body whose length is not known up front. An HTTP/1.0 client
+    /// has no chunked framing, and a body ended by closing the connection would look
+    /// complete even when the backend broke off: such a reply is read whole first and
+    /// sent with a Content-Length (`None`: the caller buffers).
     pub fn streaming_framing(&self) -> Option<Framing> {
-        if !self.http10 {
-            Some(Framing::Chunked)
-        } else if self.close {
-            Some(Framing::UntilClose)
-        } else {
-            // An HTTP/1.0 keep-alive client needs a length: the caller buffers.
-            None
-        }
+        (!self.http10).then_some(Framing::Chunked)
     }
 }
 
@@ -118,7 +111,6 @@ impl BodyWriter {
                 self.pending.extend_from_slice(data);
                 self.pending.extend_from_slice(b"\r\n");
             }
-            Framing::UntilClose => self.pending.extend_from_slice(data),
             Framing::None => {}
         }
         self.bytes_out += data.len() as u64;
@@ -267,9 +259,9 @@ fn write_head(
     }
     match framing {
         Framing::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
-        Framing::UntilClose | Framing::None => {}
+        Framing::None => {}
     }
-    if close || framing == Framing::UntilClose {
+    if close {
         out.extend_from_slice(b"Connection: close\r\n");
     }
     out.extend_from_slice(b"\r\n");
@@ -300,8 +292,8 @@ mod tests {
             "HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\r\n"
         );
         assert_eq!(
-            head(299, &[], Framing::UntilClose, false),
-            "HTTP/1.1 299 Unknown\r\nConnection: close\r\n\r\n"
+            head(299, &[], Framing::None, false),
+            "HTTP/1.1 299 Unknown\r\n\r\n"
         );
     }
 

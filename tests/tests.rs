@@ -7,6 +7,8 @@ mod support;
 mod admission;
 /// The command line and the config file: check-config, errors, precedence.
 mod cli;
+/// Backends that send garbage: clean errors, counted as failures.
+mod garbage;
 /// Authentication, limits and hostile input.
 mod hardening;
 /// Health checks, passive health, retries and model-aware routing.
@@ -21,3 +23,6 @@ mod properties;
 mod proxy;
 /// Streaming: events arrive one by one; disconnects reach the backend and free slots.
 mod streaming;
+/// HTTPS towards clients and backends (built with `--features tls`).
+#[cfg(feature = "tls")]
+mod tls;

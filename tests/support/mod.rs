@@ -75,7 +75,10 @@ fn spawn_listening(mut cmd: Command, what: &str) -> Result<(Proc, SocketAddr), S
     let addr = line
         .rsplit("listening on ")
         .next()
-        .map(|a| a.trim_start_matches("http://"))
+        .map(|a| {
+            a.trim_start_matches("http://")
+                .trim_start_matches("https://")
+        })
         .and_then(|a| a.parse().ok())
         .ok_or_else(|| format!("{what} printed {line:?}, not a listening address"))?;
     Ok((proc, addr))
