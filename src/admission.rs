@@ -912,6 +912,21 @@ mod tests {
     }
 
     #[test]
+    fn a_panic_while_holding_a_slot_gives_it_back() {
+        let t = table(&[1]);
+        let quiet = std::panic::take_hook();
+        std::panic::set_hook(Box::new(|_| {}));
+        let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let _slot = t.acquire(Want::default(), limits(0, 0)).expect("slot");
+            panic!("handler bug");
+        }));
+        std::panic::set_hook(quiet);
+        assert!(result.is_err());
+        assert_eq!(in_flight(&t), [0]);
+        assert!(t.acquire(Want::default(), limits(0, 0)).is_ok());
+    }
+
+    #[test]
     fn counts_return_to_zero_under_contention() {
         let t = table(&[3, 2]);
         let peak = Arc::new(AtomicU64::new(0));

@@ -366,12 +366,18 @@ fn serve_retired(pool: &Arc<Pool>) {
 /// during unwinding with 500, the `Slot` guard gives its slot back, and this worker
 /// goes on with the next request.
 fn serve(request: tiny_http::Request, shared: &Arc<Shared>) {
-    let result = panic::catch_unwind(AssertUnwindSafe(|| {
+    contain_panic(request, |request| {
         if let Some(request) = endpoints::try_handle(request, shared) {
             relay::handle(request, shared);
         }
-    }));
-    if let Err(panic) = result {
+    });
+}
+
+/// Runs `handle` on `request`, stopping a panic at this boundary. Returns whether it
+/// panicked.
+fn contain_panic(request: tiny_http::Request, handle: impl FnOnce(tiny_http::Request)) -> bool {
+    let result = panic::catch_unwind(AssertUnwindSafe(|| handle(request)));
+    if let Err(panic) = &result {
         let what = panic
             .downcast_ref::<&str>()
             .map(|s| s.to_string())
@@ -380,5 +386,24 @@ fn serve(request: tiny_http::Request, shared: &Arc<Shared>) {
         log::error!(
             "a request handler panicked ({what}); the request got 500 and the router goes on"
         );
+    }
+    result.is_err()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_panicking_handler_is_contained_to_its_request() {
+        let quiet = panic::take_hook();
+        panic::set_hook(Box::new(|_| {}));
+        let panicked = contain_panic(tiny_http::TestRequest::new().into(), |_request| {
+            panic!("boom")
+        });
+        let next = contain_panic(tiny_http::TestRequest::new().into(), drop);
+        panic::set_hook(quiet);
+        assert!(panicked);
+        assert!(!next, "the next request is served normally");
     }
 }
