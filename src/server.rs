@@ -290,6 +290,8 @@ pub fn start(
         .map_err(|e| format!("cannot listen on {host}:{port}: {e}"))?;
     set_nodelay(&listener)
         .map_err(|e| format!("cannot set TCP_NODELAY on the listening socket: {e}"))?;
+    set_backlog(&listener)
+        .map_err(|e| format!("cannot set the listening socket's backlog: {e}"))?;
     let addr = listener
         .local_addr()
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
@@ -307,6 +309,23 @@ pub fn start(
         .map_err(|e| format!("cannot start the accept watchdog: {e}"))?;
     Ok((addr, pool))
 }
+
+/// std listens with a backlog of 128: a burst of a thousand clients connecting at
+/// once overflows it, and every dropped SYN costs its client a one-second
+/// retransmission. Listening again on the same socket raises the backlog (the kernel
+/// caps it at `net.core.somaxconn`).
+fn set_backlog(listener: &TcpListener) -> io::Result<()> {
+    // SAFETY: the fd is a valid, bound, listening TCP socket for the duration of the call.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::listen(listener.as_raw_fd(), LISTEN_BACKLOG) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+const LISTEN_BACKLOG: libc::c_int = 4096;
 
 /// Accepted sockets inherit TCP_NODELAY from the listener on Linux, and tiny_http
 /// gives no access to the accepted sockets; without it every reply written in two

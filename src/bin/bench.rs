@@ -87,6 +87,7 @@ fn run() -> Result<(), String> {
         machine.nproc, machine.cpu_model, machine.date, machine.git_commit
     );
     part("start");
+    let ticks = CpuTicks::now();
     let mut report = Report {
         machine,
         ..Report::default()
@@ -96,7 +97,7 @@ fn run() -> Result<(), String> {
     report.startup = startup_part(&env)?;
     report.binary_bytes = file_size(&env.bin_dir.join("vllm-router"));
     report.targets = check_targets(&report);
-    report.machine.load_after = load_average();
+    report.machine.others_cpu_percent = ticks.others_percent(report.machine.nproc);
     print_report(&report);
     let path = env.write_json(&report)?;
     println!("\nfigures written to {}", path.display());
@@ -500,10 +501,9 @@ struct Machine {
     date: String,
     git_commit: String,
     note: String,
-    /// `/proc/loadavg`'s 1-minute figure before and after the run: anything else
-    /// running on the machine shows here, and skews every figure.
-    load_before: f64,
-    load_after: f64,
+    /// CPU used by processes outside this benchmark during the run, in percent of the
+    /// machine: anything above a few percent skews every figure.
+    others_cpu_percent: f64,
 }
 
 impl Machine {
@@ -528,19 +528,55 @@ impl Machine {
                 commit
             },
             note: format!("load generator, router, mock and nginx all share these {nproc} cores"),
-            load_before: load_average(),
-            load_after: 0.0,
+            others_cpu_percent: 0.0,
         }
     }
 }
 
-/// The 1-minute load average.
-fn load_average() -> f64 {
-    let text = fs::read_to_string("/proc/loadavg").unwrap_or_default();
-    text.split(' ')
-        .next()
-        .and_then(|l| l.parse().ok())
-        .unwrap_or(0.0)
+/// Busy CPU ticks: of the whole machine, and of this process with its reaped children.
+#[derive(Clone, Copy)]
+struct CpuTicks {
+    machine: u64,
+    own: u64,
+    at: Instant,
+}
+
+impl CpuTicks {
+    fn now() -> CpuTicks {
+        let stat = fs::read_to_string("/proc/stat").unwrap_or_default();
+        // cpu user nice system idle iowait irq softirq steal ...: all but idle and iowait.
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|f| f.parse().ok())
+            .collect();
+        let machine = fields
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| *i != 3 && *i != 4)
+            .map(|(_, t)| t)
+            .take(8)
+            .sum();
+        let me = std::process::id();
+        let own = (14..=17).filter_map(|n| proc_stat_field(me, n)).sum();
+        CpuTicks {
+            machine,
+            own,
+            at: Instant::now(),
+        }
+    }
+
+    /// The share of the machine that other processes used since `self`.
+    fn others_percent(&self, nproc: usize) -> f64 {
+        let end = CpuTicks::now();
+        let others = (end.machine - self.machine).saturating_sub(end.own - self.own);
+        let capacity =
+            end.at.duration_since(self.at).as_secs_f64() * clock_ticks() as f64 * nproc as f64;
+        100.0 * others as f64 / capacity.max(1.0)
+    }
 }
 
 #[derive(Serialize, Default)]
@@ -802,11 +838,10 @@ fn print_report(r: &Report) {
     );
     println!("{}: figures are side-by-side ratios, not capacity.", m.note);
     println!(
-        "load average (1 min) before the run {:.2}, after {:.2}{}",
-        m.load_before,
-        m.load_after,
-        if m.load_before > 1.0 {
-            ": the machine was busy before the run, the figures are skewed"
+        "other processes used {:.1}% of the machine's CPU during the run{}",
+        m.others_cpu_percent,
+        if m.others_cpu_percent > 5.0 {
+            ": the figures are skewed, run again on a quiet machine"
         } else {
             ""
         }
@@ -2014,13 +2049,17 @@ fn proc_stat_field(pid: u32, n: usize) -> Option<u64> {
     rest.split(' ').nth(n.checked_sub(3)?)?.parse().ok()
 }
 
-/// CPU time (user + system) of a process, in microseconds.
+/// Clock ticks per second of `/proc` CPU times.
 #[allow(unsafe_code)]
-fn cpu_us(pid: u32) -> u64 {
+fn clock_ticks() -> u64 {
     // SAFETY: sysconf only reads a constant.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64
+}
+
+/// CPU time (user + system) of a process, in microseconds.
+fn cpu_us(pid: u32) -> u64 {
     let ticks = proc_stat_field(pid, 14).unwrap_or(0) + proc_stat_field(pid, 15).unwrap_or(0);
-    ticks * 1_000_000 / hz
+    ticks * 1_000_000 / clock_ticks()
 }
 
 /// CPU time spent by groups of processes between two instants, measured on a
