@@ -200,11 +200,24 @@ impl Http {
 /// it cannot duplicate an accepted socket for lack of file descriptors, without a word
 /// to the workers). Under a high connection rate the queue is seldom empty, but
 /// requests keep arriving, so load alone does not look stuck.
+///
+/// It also rescues stranded connections (see `unread_connections`).
 fn watch_accept_queue(pool: &Arc<Pool>) {
     let mut stuck = 0;
     let mut seen = pool.received.load(Ordering::Relaxed);
+    let mut unread_before = Vec::new();
     loop {
         thread::sleep(WATCH_EVERY);
+        let unread = unread_connections(pool.http.addr.port());
+        let stranded = unread
+            .iter()
+            .filter(|peer| unread_before.contains(*peer))
+            .count();
+        if stranded > 0 {
+            log::debug!("{stranded} connections wait unread; freeing connection threads for them");
+            nudge(pool.http.addr, stranded);
+        }
+        unread_before = unread;
         let received = pool.received.load(Ordering::Relaxed);
         let progress = std::mem::replace(&mut seen, received) != received;
         stuck = match accept_queue_len(&pool.http.spare) {
@@ -226,6 +239,64 @@ fn watch_accept_queue(pool: &Arc<Pool>) {
 }
 
 const WATCH_EVERY: Duration = Duration::from_millis(500);
+
+/// The peers of established connections to `port` with request bytes nobody has read.
+///
+/// tiny_http's connection-thread pool queues a new connection when it counts an idle
+/// thread that is in fact already taken by an earlier connection of the same burst; a
+/// keep-alive connection holds its thread for its whole life, so the queued one would
+/// wait until some other connection closes, its request unread. Such connections show
+/// in the kernel's table with a non-empty receive queue.
+fn unread_connections(port: u16) -> Vec<String> {
+    let mut peers = Vec::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        for line in text.lines().skip(1) {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(remote), Some(state), Some(queues)) =
+                (fields.get(1), fields.get(2), fields.get(3), fields.get(4))
+            else {
+                continue;
+            };
+            let local_port = local
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            let unread = queues
+                .split(':')
+                .nth(1)
+                .and_then(|q| u64::from_str_radix(q, 16).ok());
+            // 01: ESTABLISHED.
+            if *state == "01" && local_port == Some(port) && unread.is_some_and(|n| n > 0) {
+                peers.push((*remote).to_owned());
+            }
+        }
+    }
+    peers
+}
+
+/// Opens and closes `n` connections to the router itself. Each one gets a connection
+/// thread (a new one when none is idle), which finds it closed at once and moves on to
+/// the oldest queued connection: a stranded one.
+fn nudge(addr: SocketAddr, n: usize) {
+    let target = match addr {
+        SocketAddr::V4(a) if a.ip().is_unspecified() => {
+            SocketAddr::from(([127, 0, 0, 1], a.port()))
+        }
+        SocketAddr::V6(a) if a.ip().is_unspecified() => {
+            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
+        }
+        other => other,
+    };
+    for _ in 0..n {
+        if let Err(e) = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
+            log::debug!("cannot nudge the connection pool: {e}");
+            return;
+        }
+    }
+}
 const STUCK_POLLS: u32 = 4;
 
 /// The number of connections waiting in the listening socket's accept queue (Linux

@@ -1180,3 +1180,36 @@ fn running_out_of_file_descriptors_sheds_load_and_recovers() {
     let resp = crate::support::post(router.addr, &[], crate::support::CHAT_BODY);
     assert_eq!(resp.status, 200, "{}", resp.text());
 }
+
+/// tiny_http's connection-thread pool queues a connection that arrives while its last
+/// idle thread is still waking up; a keep-alive connection then occupies every thread
+/// for its whole life, and the queued one would wait for another to close. The router
+/// must answer every connection of a burst.
+#[test]
+fn every_connection_of_a_keep_alive_burst_is_answered() {
+    let mock = Mock::start(&[]);
+    let router = Router::start(&crate::support::servers_toml(
+        &[(&mock.url, 64)],
+        "max_queue_size = 512",
+    ));
+    let mut conns: Vec<crate::support::Conn> = (0..300)
+        .map(|_| crate::support::Conn::open(router.addr))
+        .collect();
+    for conn in &mut conns {
+        conn.send("GET", "/livez", &[], b"", false);
+    }
+    let started = Instant::now();
+    for (i, conn) in conns.iter_mut().enumerate() {
+        conn.stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .expect("timeout");
+        let (status, _) = conn
+            .read_head()
+            .unwrap_or_else(|e| panic!("connection {i} got no answer: {e}"));
+        assert_eq!(status, 200);
+    }
+    eprintln!(
+        "300 keep-alive connections answered in {:?}",
+        started.elapsed()
+    );
+}

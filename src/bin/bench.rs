@@ -104,27 +104,37 @@ fn run() -> Result<(), String> {
     Ok(())
 }
 
-/// Parts 1, 2 and 3: one mock, the router and nginx in front of it.
+/// Parts 1, 2 and 3: a mock alone, the router and nginx, each proxy in front of a mock
+/// of its own. Sharing one would mislead the router: it reads a backend's own
+/// `/metrics` for its load, and would count the direct runs' requests as another
+/// router's (README, "Load across router replicas").
 fn front_parts(env: &Env, report: &mut Report) -> Result<(), String> {
     let mock = env.mock("mock")?;
-    let toml = servers_toml(&[mock.addr], BENCH_CAP, BENCH_QUEUE);
+    let router_mock = env.mock("router-mock")?;
+    let toml = servers_toml(&[router_mock.addr], BENCH_CAP, BENCH_QUEUE);
     let router = env.router("router", &toml, "info")?;
     router.wait_ready(Duration::from_secs(10))?;
     thread::sleep(Duration::from_millis(500));
     report.memory.idle = ProcSample::of(router.proc.pid());
-    let nginx = env.nginx(mock.addr)?;
+    let nginx_mock = env.mock("nginx-mock")?;
+    let nginx = env.nginx(nginx_mock.addr)?;
     let mut targets = vec![
-        Target::new("direct", mock.addr, vec![]),
-        Target::new("router", router.addr, vec![router.proc.pid()]),
+        Target::new("direct", mock.addr, vec![], &[&mock]),
+        Target::new(
+            "router",
+            router.addr,
+            vec![router.proc.pid()],
+            &[&router_mock],
+        ),
     ];
     if let Some(nginx) = &nginx {
-        targets.push(Target::new("nginx", nginx.addr, nginx.worker_pids()));
+        let workers = nginx.worker_pids();
+        targets.push(Target::new("nginx", nginx.addr, workers, &[&nginx_mock]));
     }
-    let mock_pids = vec![mock.proc.pid()];
     part("[1/5] non-streamed completions, closed loop");
     for conns in CONNS {
         for t in &targets {
-            let row = closed_loop(t, &mock_pids, conns, WARMUP, MEASURE)?;
+            let row = closed_loop(t, conns, WARMUP, MEASURE)?;
             println!("  {}", row.summary());
             report.throughput.push(row);
         }
@@ -159,16 +169,15 @@ fn scale_parts(env: &Env, report: &mut Report) -> Result<(), String> {
         .map(|i| env.mock(&format!("scale-mock-{i}")))
         .collect::<Result<Vec<_>, _>>()?;
     for n in BACKENDS {
-        let addrs: Vec<SocketAddr> = mocks[..n].iter().map(|m| m.addr).collect();
-        let row = scale_run(env, &addrs, &mocks[..n])?;
+        let row = scale_run(env, &mocks[..n])?;
         println!("  {}", row.summary());
         report.scale.push(row);
     }
     let toml = servers_toml(&[mocks[0].addr], 1, 1100);
     let router = env.router("queue", &toml, "info")?;
     router.wait_ready(Duration::from_secs(10))?;
-    let target = Target::new("router", router.addr, vec![router.proc.pid()]);
-    let serial = closed_loop(&target, &[], 1, WARMUP / 2, Duration::from_secs(2))?;
+    let target = Target::new("router", router.addr, vec![router.proc.pid()], &[]);
+    let serial = closed_loop(&target, 1, WARMUP / 2, Duration::from_secs(2))?;
     for depth in QUEUE_DEPTHS {
         let row = queue_drain(router.addr, depth, &serial)?;
         println!("  {}", row.summary());
@@ -177,15 +186,17 @@ fn scale_parts(env: &Env, report: &mut Report) -> Result<(), String> {
     Ok(())
 }
 
-fn scale_run(env: &Env, addrs: &[SocketAddr], mocks: &[Mock]) -> Result<ScaleRow, String> {
-    let n = addrs.len();
+/// One router in front of `mocks`, under a fixed closed loop.
+fn scale_run(env: &Env, mocks: &[Mock]) -> Result<ScaleRow, String> {
+    let n = mocks.len();
     let cap = (BENCH_CAP / n).max(SCALE_CONNS);
-    let toml = servers_toml(addrs, cap, BENCH_QUEUE);
+    let addrs: Vec<SocketAddr> = mocks.iter().map(|m| m.addr).collect();
+    let toml = servers_toml(&addrs, cap, BENCH_QUEUE);
     let router = env.router(&format!("scale-{n}"), &toml, "info")?;
     router.wait_healthy(n, Duration::from_secs(20))?;
-    let target = Target::new("router", router.addr, vec![router.proc.pid()]);
-    let mock_pids: Vec<u32> = mocks.iter().map(|m| m.proc.pid()).collect();
-    let run = closed_loop(&target, &mock_pids, SCALE_CONNS, WARMUP, SCALE_MEASURE)?;
+    let mocks: Vec<&Mock> = mocks.iter().collect();
+    let target = Target::new("router", router.addr, vec![router.proc.pid()], &mocks);
+    let run = closed_loop(&target, SCALE_CONNS, WARMUP, SCALE_MEASURE)?;
     Ok(ScaleRow {
         backends: n,
         conns: SCALE_CONNS,
@@ -211,7 +222,6 @@ fn part(title: &str) {
 /// the measuring window count.
 fn closed_loop(
     target: &Target,
-    mock_pids: &[u32],
     conns: usize,
     warmup: Duration,
     measure: Duration,
@@ -221,7 +231,7 @@ fn closed_loop(
     let (from, until) = (start + warmup, start + warmup + measure);
     let groups = vec![
         target.proxy_pids.clone(),
-        mock_pids.to_vec(),
+        target.mock_pids.clone(),
         vec![std::process::id()],
     ];
     let cpu = CpuWatch::spawn(groups, from, until);
@@ -251,7 +261,7 @@ fn closed_loop(
         p999_us: percentile(&lat, 0.999) / 1e3,
         errors: rec.errors.clone(),
         proxy_cpu_us_per_req: per_req(0, &target.proxy_pids),
-        mock_cpu_us_per_req: per_req(1, mock_pids),
+        mock_cpu_us_per_req: per_req(1, &target.mock_pids),
         client_cpu_us_per_req: per_req(2, &[std::process::id()]),
     })
 }
@@ -1080,14 +1090,17 @@ struct Target {
     addr: SocketAddr,
     /// The proxy's processes, whose CPU time is charged to it (none for direct).
     proxy_pids: Vec<u32>,
+    /// The mocks behind it, whose CPU time is shown beside.
+    mock_pids: Vec<u32>,
 }
 
 impl Target {
-    fn new(name: &'static str, addr: SocketAddr, proxy_pids: Vec<u32>) -> Target {
+    fn new(name: &'static str, addr: SocketAddr, proxy_pids: Vec<u32>, mocks: &[&Mock]) -> Target {
         Target {
             name,
             addr,
             proxy_pids,
+            mock_pids: mocks.iter().map(|m| m.proc.pid()).collect(),
         }
     }
 }
