@@ -112,7 +112,9 @@ fn new_request_id() -> String {
     let epoch = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64);
-    format!("{epoch:x}-{:x}-{n:x}", std::process::id())
+    static PID: std::sync::OnceLock<u32> = std::sync::OnceLock::new();
+    let pid = *PID.get_or_init(std::process::id);
+    format!("{epoch:x}-{pid:x}-{n:x}")
 }
 
 #[cfg(test)]

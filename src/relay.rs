@@ -479,6 +479,9 @@ fn relay_response(
     let Some(framing) = framing else {
         return relay_buffered(request, status, &out_headers, &mut reader, access);
     };
+    let declared: Option<u64> =
+        headers::find(&backend_headers, "content-length").and_then(|v| v.trim().parse().ok());
+    let mut received = 0u64;
     let mut writer = BodyWriter::start(request, conn, status, &out_headers, framing);
     let mut buf = vec![0u8; READ_BUF];
     let end = loop {
@@ -499,7 +502,12 @@ fn relay_response(
             // which closes the backend connection: vLLM sees the disconnect and stops
             // generating.
             Ok(n) => {
-                if writer.send(&buf[..n]).is_err() {
+                received += n as u64;
+                if declared == Some(received) {
+                    // The whole body is here: it goes out with the end of the reply in
+                    // one write at the next read, which returns 0 at once.
+                    writer.hold(&buf[..n]);
+                } else if writer.send(&buf[..n]).is_err() {
                     break End::ClientGone;
                 }
             }

@@ -102,8 +102,15 @@ impl BodyWriter {
 
     /// Sends one piece of body and flushes it to the client at once.
     pub fn send(&mut self, data: &[u8]) -> io::Result<()> {
+        self.hold(data);
+        self.push()
+    }
+
+    /// Frames a piece of body without sending it yet: for the last piece of a reply of
+    /// known length, which then leaves together with the end of the body in one write.
+    pub fn hold(&mut self, data: &[u8]) {
         if data.is_empty() {
-            return Ok(());
+            return;
         }
         match self.framing {
             Framing::Chunked => {
@@ -114,7 +121,6 @@ impl BodyWriter {
             Framing::None => {}
         }
         self.bytes_out += data.len() as u64;
-        self.push()
     }
 
     /// Ends the body properly.
