@@ -172,10 +172,23 @@ impl Router {
         during_startup: impl FnOnce(PathBuf) + Send + 'static,
     ) -> Result<Router, String> {
         let dir = test_dir("router");
+        Router::launch_in(dir.clone(), &dir, toml, args, envs, nofile, during_startup)
+    }
+
+    /// `launch` with the config in `dir` and the process running in `cwd`.
+    fn launch_in(
+        dir: PathBuf,
+        cwd: &Path,
+        toml: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        nofile: Option<u64>,
+        during_startup: impl FnOnce(PathBuf) + Send + 'static,
+    ) -> Result<Router, String> {
         let config = dir.join("servers.toml");
         std::fs::write(&config, toml).expect("write config");
         let mut cmd = Command::new(ROUTER);
-        cmd.current_dir(&dir)
+        cmd.current_dir(cwd)
             .env_clear()
             .env("LOG_DIR", dir.join("logs"))
             .envs(envs.iter().copied())
@@ -780,32 +793,9 @@ impl Router {
         args: &[&str],
         envs: &[(&str, &str)],
     ) -> Result<Router, String> {
-        let config = dir.join("servers.toml");
-        std::fs::write(&config, toml).expect("write config");
         let cwd = dir.join("cwd");
         std::fs::create_dir_all(&cwd).expect("create working dir");
-        let mut cmd = Command::new(ROUTER);
-        cmd.current_dir(&cwd)
-            .env_clear()
-            .env("LOG_DIR", dir.join("logs"))
-            .envs(envs.iter().copied())
-            .args([
-                "run",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                "0",
-                "--log-level",
-                "debug",
-            ])
-            .arg("--config")
-            .arg(&config)
-            .args(args)
-            .stderr(Stdio::null());
-        match spawn_listening(cmd, "vllm-router") {
-            Ok((proc, addr)) => Ok(Router { proc, addr, dir }),
-            Err(e) => Err(format!("{e}\n--- log ---\n{}", read_log(&dir))),
-        }
+        Router::launch_in(dir, &cwd, toml, args, envs, None, |_| {})
     }
 
     /// Waits until `/health` counts every server healthy (it is open even when the
