@@ -397,29 +397,26 @@ impl Table {
 
     pub fn view(&self) -> TableView {
         let inner = self.inner.lock();
+        let now = Instant::now();
         TableView {
             backends: inner
                 .entries
                 .iter()
                 .filter(|e| !e.removed)
-                .map(|e| BackendView {
-                    id: e.id,
-                    url: e.url.to_string(),
-                    max_concurrent: e.max_concurrent,
-                    in_flight: e.in_flight,
-                    healthy: e.healthy,
-                    reason: e.reason.clone(),
-                    request_failures: e.request_failures,
-                    down_by_requests_until: e.down_by_requests_until,
-                    models: e.model_ids(),
-                    checks: e.checks.clone(),
-                    reported: e.reported.as_ref().map(|r| r.report.clone()),
-                    load: e.load(Instant::now()),
-                    admitted_total: e.admitted_total,
-                })
+                .map(|e| e.view(now))
                 .collect(),
             queue_len: inner.queue.len(),
         }
+    }
+
+    /// A copy of one backend's entry (while it is not removed).
+    pub fn backend(&self, id: BackendId) -> Option<BackendView> {
+        let inner = self.inner.lock();
+        inner
+            .entries
+            .iter()
+            .find(|e| e.id == id && !e.removed)
+            .map(|e| e.view(Instant::now()))
     }
 
     /// Whether any backend could take a request now or later (used by /readyz).
@@ -586,6 +583,24 @@ impl Table {
 }
 
 impl Entry {
+    fn view(&self, now: Instant) -> BackendView {
+        BackendView {
+            id: self.id,
+            url: self.url.to_string(),
+            max_concurrent: self.max_concurrent,
+            in_flight: self.in_flight,
+            healthy: self.healthy,
+            reason: self.reason.clone(),
+            request_failures: self.request_failures,
+            down_by_requests_until: self.down_by_requests_until,
+            models: self.model_ids(),
+            checks: self.checks.clone(),
+            reported: self.reported.as_ref().map(|r| r.report.clone()),
+            load: self.load(now),
+            admitted_total: self.admitted_total,
+        }
+    }
+
     /// Whether this backend could serve `want` at all (room or not).
     fn usable(&self, want: &Want) -> bool {
         self.healthy

@@ -256,13 +256,7 @@ fn apply_check(
         track.consecutive_failed += 1;
         track.consecutive_ok = 0;
     }
-    let Some(backend) = shared
-        .table
-        .view()
-        .backends
-        .into_iter()
-        .find(|b| b.id == id)
-    else {
+    let Some(backend) = shared.table.backend(id) else {
         return;
     };
     shared

@@ -240,9 +240,10 @@ impl Exchange<'_> {
                 }
                 // Success is recorded once the whole reply has been relayed.
                 Ok(_) => {}
-                // A request the router could not even build is the client's fault.
-                Err(failure) if matches!(failure.err, RouterError::BadRequest(_)) => {}
-                Err(failure) => self.record_failure(&slot, &failure.err.to_string()),
+                Err(failure) if failure.backend_fault => {
+                    self.record_failure(&slot, &failure.err.to_string())
+                }
+                Err(_) => {}
             }
             let retryable = match &result {
                 Ok(response) => matches!(response.status().as_u16(), 429 | 502 | 503 | 504),
@@ -287,9 +288,11 @@ impl Exchange<'_> {
         if let Some(key) = backend_key {
             builder = builder.header("Authorization", format!("Bearer {}", key.expose()));
         }
+        // A request the router cannot even build is the client's fault.
         let request = builder.body(self.body).map_err(|e| SendFailure {
             err: RouterError::BadRequest(format!("cannot forward this request: {e}")),
             before_send: false,
+            backend_fault: false,
         })?;
         let timeout = self.config.settings.request_timeout;
         let agent = &self.shared.agent;
@@ -338,6 +341,8 @@ struct SendFailure {
     /// The request certainly never reached the backend, so sending it elsewhere
     /// cannot run it twice.
     before_send: bool,
+    /// It counts against the backend's health (passive health).
+    backend_fault: bool,
 }
 
 impl SendFailure {
@@ -354,6 +359,7 @@ impl SendFailure {
         SendFailure {
             err: backend_error(backend, err),
             before_send,
+            backend_fault: true,
         }
     }
 }

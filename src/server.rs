@@ -78,10 +78,6 @@ impl Pool {
         }
         Ok(())
     }
-
-    pub fn size(&self) -> usize {
-        *self.size.lock()
-    }
 }
 
 /// The tiny_http servers on the listening socket. tiny_http ends its accept loop for
