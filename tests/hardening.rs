@@ -77,17 +77,6 @@ fn assert_unauthorized(resp: &Resp, what: &str) {
     );
 }
 
-/// The values of the headers called `name` that the mock's last request carried.
-fn seen_by_mock(mock: &Mock, name: &str) -> Vec<String> {
-    mock.last()["headers"]
-        .as_array()
-        .expect("headers")
-        .iter()
-        .filter(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
-        .map(|h| h[1].as_str().expect("value").to_owned())
-        .collect()
-}
-
 /// Checks that `key` opens the router and nothing else does: proxied requests and
 /// `GET /v1/models` need it, the probes and (by default) the status endpoints do not,
 /// and no refused request reaches the backend.
@@ -260,7 +249,7 @@ fn the_client_key_never_reaches_a_backend() {
         let resp = call(&router, "POST", CHAT, Some(&auth), &chat_for(model));
         assert_eq!(resp.status, 200, "{model}: {}", resp.text());
         assert_eq!(
-            seen_by_mock(mock, "authorization"),
+            mock.headers_seen("authorization"),
             expected,
             "Authorization as {model}'s backend saw it"
         );
@@ -315,7 +304,7 @@ fn a_backend_key_replaces_whatever_the_client_sent() {
     for auth in cases {
         send("keyed-model", auth);
         assert_eq!(
-            seen_by_mock(&keyed, "authorization"),
+            keyed.headers_seen("authorization"),
             ["Bearer backend-secret"],
             "the keyed backend's Authorization when the client sent {auth:?}"
         );
@@ -323,7 +312,7 @@ fn a_backend_key_replaces_whatever_the_client_sent() {
     // Without keys on either side the client's own header goes through.
     send("plain-model", &[("Authorization", "Bearer client-own-key")]);
     assert_eq!(
-        seen_by_mock(&plain, "authorization"),
+        plain.headers_seen("authorization"),
         ["Bearer client-own-key"]
     );
 }

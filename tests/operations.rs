@@ -120,16 +120,6 @@ fn wait_access_entry(router: &Router, request_id: &str) -> Value {
     found.expect("found")
 }
 
-fn header_seen_by_backend(mock: &Mock, name: &str) -> Vec<String> {
-    mock.last()["headers"]
-        .as_array()
-        .expect("headers")
-        .iter()
-        .filter(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
-        .map(|h| h[1].as_str().expect("value").to_owned())
-        .collect()
-}
-
 // ---------------------------------------------------------------- streams
 
 /// A streamed chat completion through the router, read event by event.
@@ -1110,10 +1100,7 @@ fn the_request_id_is_returned_and_forwarded() {
     let resp = post(router.addr, &[("X-Request-Id", "test-id-42")], CHAT_BODY);
     assert_eq!(resp.status, 200);
     assert_eq!(resp.header("x-request-id"), Some("test-id-42"));
-    assert_eq!(
-        header_seen_by_backend(&mock, "x-request-id"),
-        ["test-id-42"]
-    );
+    assert_eq!(mock.headers_seen("x-request-id"), ["test-id-42"]);
 
     let mut generated = Vec::new();
     for client_id in [None, None, Some("not plain: spaces")] {
@@ -1135,7 +1122,7 @@ fn the_request_id_is_returned_and_forwarded() {
                     .all(|c| c.is_ascii_alphanumeric() || b"-_.:".contains(&c)),
             "generated id {id:?}"
         );
-        assert_eq!(header_seen_by_backend(&mock, "x-request-id"), [id.as_str()]);
+        assert_eq!(mock.headers_seen("x-request-id"), [id.as_str()]);
         wait_access_entry(&router, &id);
         generated.push(id);
     }

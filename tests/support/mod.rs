@@ -120,6 +120,17 @@ impl Mock {
         get_json(self.addr, "/mock/last")
     }
 
+    /// The values of the headers called `name` that the mock's last request carried.
+    pub fn headers_seen(&self, name: &str) -> Vec<String> {
+        self.last()["headers"]
+            .as_array()
+            .expect("headers")
+            .iter()
+            .filter(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
+            .map(|h| h[1].as_str().expect("value").to_owned())
+            .collect()
+    }
+
     pub fn set_mode(&self, mode: &str) {
         let resp = request(
             self.addr,
