@@ -429,3 +429,39 @@ fn run_is_the_default_subcommand() {
         "{line:?}"
     );
 }
+
+/// Log lines go to the console with `--console` or LOG_TO_CONSOLE=true, and not with
+/// LOG_TO_CONSOLE=false; the log file gets them in every case.
+#[test]
+fn console_logging_follows_the_flag_and_log_to_console() {
+    let dir = test_dir("console");
+    std::fs::write(dir.join("servers.toml"), valid_config("")).expect("write config");
+    let cases: [(&str, &[&str], Option<&str>, bool); 3] = [
+        ("flag", &["--console"], None, true),
+        ("env-true", &[], Some("true"), true),
+        ("env-false", &[], Some("false"), false),
+    ];
+    for (name, flags, env, expect_console) in cases {
+        let log_dir = dir.join(format!("logs-{name}"));
+        let mut args = vec!["run", "--host", "127.0.0.1", "--port", "0"];
+        args.extend_from_slice(flags);
+        let mut cmd = router(&dir, &args);
+        cmd.env("LOG_DIR", &log_dir);
+        if let Some(value) = env {
+            cmd.env("LOG_TO_CONSOLE", value);
+        }
+        let (mut child, _) = first_line(cmd);
+        let log_file = log_dir.join("vllm-router.log");
+        wait_until(PROMPTLY, "the start-up line in the log file", || {
+            std::fs::read_to_string(&log_file).is_ok_and(|log| log.contains("listening on"))
+        });
+        let _ = child.0.kill();
+        let _ = child.0.wait();
+        let stderr = read_all(child.0.stderr.take());
+        assert_eq!(
+            stderr.contains("listening on"),
+            expect_console,
+            "{name}: console output was {stderr:?}"
+        );
+    }
+}
