@@ -69,6 +69,15 @@ pub struct Settings {
     pub worker_threads: usize,
     pub max_body_bytes: u64,
     pub shutdown_timeout: Duration,
+    /// Client connections open at once; more are closed as soon as they are accepted.
+    pub max_client_connections: usize,
+    /// How long a connection may go without sending a whole request head: from its
+    /// start, or from the end of its previous reply (an idle keep-alive connection).
+    pub client_idle_timeout: Duration,
+    /// How long a request body may take to arrive, from the end of its head.
+    pub client_body_timeout: Duration,
+    /// How long one write to a client may block: a client that stopped reading.
+    pub client_write_timeout: Duration,
     /// How often each backend's `/metrics` is read for its own load; zero turns the
     /// backend-reported load off.
     pub backend_metrics_interval: Duration,
@@ -113,6 +122,10 @@ impl Default for Settings {
             worker_threads: 0,
             max_body_bytes: 32 * 1024 * 1024,
             shutdown_timeout: Duration::from_secs(30),
+            max_client_connections: 4096,
+            client_idle_timeout: Duration::from_secs(60),
+            client_body_timeout: Duration::from_secs(60),
+            client_write_timeout: Duration::from_secs(60),
             backend_metrics_interval: Duration::from_secs(2),
             api_keys: Vec::new(),
             api_keys_file: None,
@@ -344,6 +357,18 @@ const KEYS: &[Key] = &[
     Key { name: "shutdown_timeout",
         set: |s, v| v.secs(POSITIVE).map(|d| s.shutdown_timeout = d),
         show: |s| secs(s.shutdown_timeout) },
+    Key { name: "max_client_connections",
+        set: |s, v| v.int(1, usize::MAX as u64).map(|n| s.max_client_connections = n as usize),
+        show: |s| s.max_client_connections.to_string() },
+    Key { name: "client_idle_timeout",
+        set: |s, v| v.secs(POSITIVE).map(|d| s.client_idle_timeout = d),
+        show: |s| secs(s.client_idle_timeout) },
+    Key { name: "client_body_timeout",
+        set: |s, v| v.secs(POSITIVE).map(|d| s.client_body_timeout = d),
+        show: |s| secs(s.client_body_timeout) },
+    Key { name: "client_write_timeout",
+        set: |s, v| v.secs(POSITIVE).map(|d| s.client_write_timeout = d),
+        show: |s| secs(s.client_write_timeout) },
     Key { name: "backend_metrics_interval",
         set: |s, v| v.secs(ZERO_OK).map(|d| s.backend_metrics_interval = d),
         show: |s| secs(s.backend_metrics_interval) },

@@ -12,13 +12,14 @@ use tiny_http::{Method, Request};
 
 use crate::admission::{BackendView, TableView};
 use crate::auth;
+use crate::clients::Ticket;
 use crate::error::RouterError;
 use crate::shared::Shared;
 use crate::wire;
 
 /// Answers the request if it is for one of the router's own paths; otherwise gives
 /// it back to be proxied.
-pub fn try_handle(request: Request, shared: &Arc<Shared>) -> Option<Request> {
+pub fn try_handle(request: Request, ticket: &Ticket, shared: &Arc<Shared>) -> Option<Request> {
     let path = request.url().split('?').next().unwrap_or("").to_owned();
     let answer: fn(&Shared) -> Answer = match path.as_str() {
         "/health" => |s| Answer::json(health(s)),
@@ -44,7 +45,14 @@ pub fn try_handle(request: Request, shared: &Arc<Shared>) -> Option<Request> {
         shared
             .metrics
             .observe_rejection(RouterError::Unauthorized.code());
-        wire::send_error(request, &RouterError::Unauthorized, &[], unread_body).map(|_| ())
+        wire::send_error(
+            request,
+            ticket,
+            &RouterError::Unauthorized,
+            &[],
+            unread_body,
+        )
+        .map(|_| ())
     } else if matches!(request.method(), Method::Get | Method::Head) {
         let Answer {
             status,
@@ -52,10 +60,10 @@ pub fn try_handle(request: Request, shared: &Arc<Shared>) -> Option<Request> {
             body,
         } = answer(shared);
         let headers = [("Content-Type".to_owned(), content_type.to_owned())];
-        wire::send_full(request, status, &headers, &body, unread_body)
+        wire::send_full(request, ticket, status, &headers, &body, unread_body)
     } else {
         let err = RouterError::MethodNotAllowed { allow: "GET, HEAD" };
-        wire::send_error(request, &err, &[], unread_body).map(|_| ())
+        wire::send_error(request, ticket, &err, &[], unread_body).map(|_| ())
     };
     if let Err(e) = result {
         log::debug!("could not answer {path}: {e}");
@@ -88,7 +96,7 @@ fn metrics(shared: &Shared) -> Answer {
         content_type: "text/plain; version=0.0.4; charset=utf-8",
         body: shared
             .metrics
-            .render(&shared.table.view(), max_queue_size)
+            .render(&shared.table.view(), max_queue_size, shared.clients.open())
             .into_bytes(),
     }
 }

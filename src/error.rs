@@ -29,6 +29,8 @@ pub enum RouterError {
     BodyTooLarge { limit: u64 },
     /// The request is malformed in a way the router must not forward.
     BadRequest(String),
+    /// The request body did not arrive within `client_body_timeout`.
+    BodyTimeout { limit: Duration },
     /// No valid client API key.
     Unauthorized,
     /// The request head is over the router's caps (header bytes or count).
@@ -57,6 +59,7 @@ impl RouterError {
             RouterError::BodyTooLarge { .. } => 413,
             RouterError::UnknownModel(_) => 404,
             RouterError::BadRequest(_) => 400,
+            RouterError::BodyTimeout { .. } => 408,
             RouterError::Unauthorized => 401,
             RouterError::HeadersTooLarge => 431,
             RouterError::UriTooLong => 414,
@@ -82,6 +85,7 @@ impl RouterError {
             | RouterError::MethodNotImplemented(_)
             | RouterError::UnknownModel(_)
             | RouterError::BadRequest(_)
+            | RouterError::BodyTimeout { .. }
             | RouterError::MethodNotAllowed { .. } => "invalid_request_error",
             RouterError::BadGateway { .. } | RouterError::GatewayTimeout { .. } => "upstream_error",
             RouterError::Internal => "internal_error",
@@ -98,6 +102,7 @@ impl RouterError {
             RouterError::ShuttingDown => "shutting_down",
             RouterError::BodyTooLarge { .. } => "request_too_large",
             RouterError::BadRequest(_) => "bad_request",
+            RouterError::BodyTimeout { .. } => "request_timeout",
             RouterError::Unauthorized => "invalid_api_key",
             RouterError::HeadersTooLarge => "headers_too_large",
             RouterError::UriTooLong => "uri_too_long",
@@ -167,6 +172,11 @@ impl fmt::Display for RouterError {
                 write!(f, "request body is larger than the limit of {limit} bytes")
             }
             RouterError::BadRequest(why) => write!(f, "bad request: {why}"),
+            RouterError::BodyTimeout { limit } => write!(
+                f,
+                "the request body did not arrive within client_body_timeout ({}s)",
+                limit.as_secs_f64()
+            ),
             RouterError::Unauthorized => write!(
                 f,
                 "missing or invalid API key; send it as Authorization: Bearer <key>"

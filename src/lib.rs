@@ -1,11 +1,12 @@
 //! vllm-router: a synchronous thread-pool proxy in front of vLLM OpenAI-compatible
 //! servers. ARCHITECTURE.md is the map; each module's doc says what it owns.
-#![deny(unsafe_code)] // the two exceptions (headers, server) say why where they allow it
+#![deny(unsafe_code)] // the exceptions (clients, headers, server) say why where they allow it
 
 pub mod access;
 pub mod admission;
 pub mod auth;
 pub mod cli;
+pub mod clients;
 pub mod config;
 pub mod endpoints;
 pub mod error;

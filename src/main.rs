@@ -122,11 +122,15 @@ fn run(args: RunArgs, env: &dyn Fn(&str) -> Option<String>) -> ExitCode {
             return ExitCode::from(1);
         }
     };
-    // A panic on any thread (a request handler, or tiny_http's accept thread running
-    // out of file descriptors) is an error line in the log, not a backtrace on stderr;
+    // A panic on any thread (a request handler, say) is an error line in the log, not a backtrace on stderr;
     // the code around it decides what happens next.
     std::panic::set_hook(Box::new(|info| {
         let thread = std::thread::current();
+        // tiny_http panics when it runs out of file descriptors while accepting; the
+        // accept loop reports that itself, at most every few seconds.
+        if thread.name() == Some(server::ACCEPT_THREAD) {
+            return;
+        }
         log::error!(
             "panic on thread {}: {info}",
             thread.name().unwrap_or("unnamed")

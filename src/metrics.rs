@@ -22,6 +22,18 @@ use parking_lot::Mutex;
 use crate::access::Access;
 use crate::admission::TableView;
 
+/// Why the router closes a client connection itself: refused at accept (over
+/// `max_client_connections`, no thread, no file descriptor), or closed by the janitor
+/// for breaking a client timeout (`clients::Reason`).
+pub const CONNECTION_CLOSE_REASONS: [&str; 6] = [
+    "over_cap",
+    "no_thread",
+    "no_fd",
+    "idle",
+    "slow_body",
+    "stalled_write",
+];
+
 /// Histogram buckets in seconds: LLM requests last from milliseconds (a cached error,
 /// a tokenize call) to minutes (a long generation).
 const BUCKETS: [f64; 16] = [
@@ -47,6 +59,8 @@ struct Registry {
     health_check_duration: BTreeMap<String, Histogram>,
     /// "success" | "failure"
     reloads: BTreeMap<&'static str, u64>,
+    /// Client connections the router closed itself, by reason.
+    connections_closed: BTreeMap<&'static str, u64>,
 }
 
 #[derive(Default, Clone)]
@@ -127,8 +141,20 @@ impl Metrics {
             .or_default() += 1;
     }
 
-    /// The whole exposition, with gauges from `table`.
-    pub fn render(&self, table: &TableView, max_queue_size: usize) -> String {
+    /// Counts a client connection the router closed itself: refused over the cap or
+    /// for lack of a thread, or closed by the janitor for a timeout.
+    pub fn observe_connection_closed(&self, reason: &'static str) {
+        *self
+            .registry
+            .lock()
+            .connections_closed
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// The whole exposition, with gauges from `table` and the count of open client
+    /// connections.
+    pub fn render(&self, table: &TableView, max_queue_size: usize, connections: usize) -> String {
         let mut out = String::with_capacity(8 * 1024);
         let r = self.registry.lock();
 
@@ -317,6 +343,33 @@ impl Metrics {
                 &mut out,
                 "vllm_router_config_reloads_total",
                 &[("result", result)],
+                n as f64,
+            );
+        }
+        family(
+            &mut out,
+            "vllm_router_client_connections",
+            "gauge",
+            "Client connections open.",
+        );
+        sample(
+            &mut out,
+            "vllm_router_client_connections",
+            &[],
+            connections as f64,
+        );
+        family(
+            &mut out,
+            "vllm_router_client_connections_closed_total",
+            "counter",
+            "Client connections the router closed itself, by reason.",
+        );
+        for reason in CONNECTION_CLOSE_REASONS {
+            let n = r.connections_closed.get(reason).copied().unwrap_or(0);
+            sample(
+                &mut out,
+                "vllm_router_client_connections_closed_total",
+                &[("reason", reason)],
                 n as f64,
             );
         }

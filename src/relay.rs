@@ -20,6 +20,7 @@ use ureq::http;
 use crate::access::{self, Access};
 use crate::admission::{Limits, Slot, Want};
 use crate::auth;
+use crate::clients::Ticket;
 use crate::config::Config;
 use crate::error::RouterError;
 use crate::headers;
@@ -46,7 +47,7 @@ enum End {
 }
 
 /// Handles one proxied request to its end, and writes its access-log entry.
-pub fn handle(request: Request, shared: &Arc<Shared>) {
+pub fn handle(request: Request, ticket: &Ticket, shared: &Arc<Shared>) {
     let client_id = request
         .headers()
         .get(access::REQUEST_ID_HEADER)
@@ -56,7 +57,7 @@ pub fn handle(request: Request, shared: &Arc<Shared>) {
         request.url(),
         client_id.as_deref(),
     );
-    proxy(request, shared, &mut access);
+    proxy(request, ticket, shared, &mut access);
     let known_model = access
         .model
         .as_deref()
@@ -65,29 +66,44 @@ pub fn handle(request: Request, shared: &Arc<Shared>) {
     access.finish();
 }
 
-fn proxy(mut request: Request, shared: &Arc<Shared>, access: &mut Access) {
+fn proxy(mut request: Request, ticket: &Ticket, shared: &Arc<Shared>, access: &mut Access) {
     let config = shared.config();
     let client_headers = headers::client_headers(request.headers());
     if let Err(err) = check_head(&request, &client_headers) {
-        return reject(request, &err, access, true);
+        return reject(request, ticket, &err, access, true);
     }
     let auth_on = shared.client_keys(&config).next().is_some();
     let presented = request.headers().get("Authorization").map(|v| v.as_str());
     if auth_on && !auth::authorized(presented, shared.client_keys(&config)) {
-        return reject(request, &RouterError::Unauthorized, access, true);
+        return reject(request, ticket, &RouterError::Unauthorized, access, true);
     }
     let target = request.url().to_owned();
-    let body = match read_body(
+    let reading = ticket.reading_body();
+    let body = read_body(
         &mut request,
         &client_headers,
         config.settings.max_body_bytes,
-    ) {
+    );
+    drop(reading);
+    let body = match body {
         Ok(body) => body,
-        Err(err) => return reject(request, &err, access, true),
+        // The janitor closed the connection under the read: the reply cannot reach
+        // the client, but the access log shows why.
+        Err(_) if ticket.timed_out() => {
+            let limit = config.settings.client_body_timeout;
+            return reject(
+                request,
+                ticket,
+                &RouterError::BodyTimeout { limit },
+                access,
+                false,
+            );
+        }
+        Err(err) => return reject(request, ticket, &err, access, true),
     };
     access.model = match requested_model(&access.method, &target, &body) {
         Ok(model) => model,
-        Err(err) => return reject(request, &err, access, false),
+        Err(err) => return reject(request, ticket, &err, access, false),
     };
     let mut upstream = headers::upstream_headers(&client_headers);
     if auth_on {
@@ -114,11 +130,11 @@ fn proxy(mut request: Request, shared: &Arc<Shared>, access: &mut Access) {
     };
     let (slot, response) = match exchange.forward(want, &mut access.retries) {
         Ok(sent) => sent,
-        Err(err) => return reject(request, &err, access, false),
+        Err(err) => return reject(request, ticket, &err, access, false),
     };
     access.backend = Some(slot.backend_url().to_owned());
     access.queue_wait = slot.queued_for;
-    let end = relay_response(request, response, access);
+    let end = relay_response(request, ticket, response, access);
     access.outcome = match &end {
         End::Complete => {
             if !is_backend_failure(access.status) {
@@ -366,7 +382,13 @@ impl SendFailure {
 
 /// Answers with one of the router's own errors. `unread_body`: the request was
 /// refused before its body was read (see `wire::send_full`).
-fn reject(request: Request, err: &RouterError, access: &mut Access, unread_body: bool) {
+fn reject(
+    request: Request,
+    ticket: &Ticket,
+    err: &RouterError,
+    access: &mut Access,
+    unread_body: bool,
+) {
     access.status = err.status();
     access.outcome = err.code();
     if err.is_rejection() {
@@ -383,7 +405,7 @@ fn reject(request: Request, err: &RouterError, access: &mut Access, unread_body:
         access.backend = Some(backend.clone());
     }
     let unread_body = unread_body && wire::declares_body(&request);
-    match wire::send_error(request, err, &id, unread_body) {
+    match wire::send_error(request, ticket, err, &id, unread_body) {
         Ok(bytes) => {
             access.first_byte = Some(Instant::now());
             access.bytes_out = bytes;
@@ -413,6 +435,13 @@ fn read_body(
         .map_err(|e| RouterError::BadRequest(format!("could not read the request body: {e}")))?;
     if read as u64 > limit {
         return Err(RouterError::BodyTooLarge { limit });
+    }
+    // tiny_http ends a Content-Length body early, without an error, when the client
+    // closes: forwarding it would send the backend a cut prompt.
+    if let Some(declared) = declared.filter(|&n| n != read as u64) {
+        return Err(RouterError::BadRequest(format!(
+            "the request body ended after {read} of its {declared} bytes"
+        )));
     }
     Ok(body)
 }
@@ -445,6 +474,7 @@ fn backend_error(backend: &str, err: ureq::Error) -> RouterError {
 /// each backend read flushed to the client as one chunk.
 fn relay_response(
     request: Request,
+    ticket: &Ticket,
     response: http::Response<ureq::Body>,
     access: &mut Access,
 ) -> End {
@@ -483,12 +513,12 @@ fn relay_response(
         conn.streaming_framing()
     };
     let Some(framing) = framing else {
-        return relay_buffered(request, status, &out_headers, &mut reader, access);
+        return relay_buffered(request, ticket, status, &out_headers, &mut reader, access);
     };
     let declared: Option<u64> =
         headers::find(&backend_headers, "content-length").and_then(|v| v.trim().parse().ok());
     let mut received = 0u64;
-    let mut writer = BodyWriter::start(request, conn, status, &out_headers, framing);
+    let mut writer = BodyWriter::start(request, ticket, conn, status, &out_headers, framing);
     let mut buf = vec![0u8; READ_BUF];
     let end = loop {
         let n = if no_body {
@@ -533,6 +563,7 @@ fn relay_response(
 /// that looks complete. Everyone else gets the body as it arrives.
 fn relay_buffered(
     request: Request,
+    ticket: &Ticket,
     status: u16,
     headers: &[(String, String)],
     reader: &mut impl Read,
@@ -551,10 +582,10 @@ fn relay_buffered(
             backend: access.backend.clone().unwrap_or_default(),
             reason: reason.clone(),
         };
-        reject(request, &err, access, false);
+        reject(request, ticket, &err, access, false);
         return End::BackendBroke(reason);
     }
-    if wire::send_full(request, status, headers, &body, false).is_err() {
+    if wire::send_full(request, ticket, status, headers, &body, false).is_err() {
         return End::ClientGone;
     }
     access.first_byte = Some(Instant::now());

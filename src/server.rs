@@ -1,27 +1,26 @@
-//! The listening socket, tiny_http, and the fixed pool of worker threads that take
-//! requests from it.
+//! The listening socket, the accept loop, one thread per client connection reading
+//! request heads (with tiny_http's parser), and the fixed pool of worker threads that
+//! serve the requests.
 //!
-//! tiny_http reads request heads on its own per-connection threads and queues them;
-//! each worker here loops on `recv()` and carries one request from admission to the
-//! last byte of its reply. A stream holds its worker for its whole life, and so does a
-//! request waiting in the admission queue, so the pool must be larger than every slot
-//! plus the whole queue; otherwise requests would wait in tiny_http's queue where
-//! neither `queue_timeout` nor `max_queue_size` can see them (`worker_count`).
-//!
-//! tiny_http's accept loop can die (see `Http`); a watchdog notices connections that
-//! wait unaccepted and starts a new one on the same socket.
+//! Each worker takes a request from the connection threads' channel and carries it
+//! from admission to the last byte of its reply. A stream holds its worker for its
+//! whole life, and so does a request waiting in the admission queue, so the pool must
+//! be larger than every slot plus the whole queue; otherwise requests would wait in
+//! the channel where neither `queue_timeout` nor `max_queue_size` can see them
+//! (`worker_count`).
 
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::panic::{self, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Mutex, RwLock};
+use crossbeam_channel::{Receiver, Sender};
+use parking_lot::Mutex;
 
+use crate::clients::{self, Conn, Ticket};
 use crate::config::Config;
 use crate::endpoints;
 use crate::relay;
@@ -55,11 +54,9 @@ pub fn worker_count(config: &Config) -> usize {
 /// The worker pool. It only grows: a reload that raises the capacity or the queue
 /// adds workers; threads are never taken away from requests that may be running.
 pub struct Pool {
-    http: Http,
+    requests: Receiver<Incoming>,
     shared: Arc<Shared>,
     size: Mutex<usize>,
-    /// Requests taken from tiny_http so far: the watchdog's sign of progress.
-    received: AtomicU64,
 }
 
 impl Pool {
@@ -80,268 +77,157 @@ impl Pool {
     }
 }
 
-/// The tiny_http servers on the listening socket. tiny_http ends its accept loop for
-/// good on any accept error but `ECONNABORTED` (running out of file descriptors, for
-/// one). When that happens a new server is started on a duplicate of the same socket
-/// (`restart`), and the old one is kept as `retired` for a while: the connections it
-/// accepted still send their requests through it.
-struct Http {
-    addr: SocketAddr,
-    /// A duplicate of the listening socket, kept to start new servers from.
-    spare: TcpListener,
-    /// The TLS identity, when the router serves HTTPS.
-    identity: Option<tiny_http::SslConfig>,
-    current: RwLock<Arc<tiny_http::Server>>,
-    retired: Mutex<Vec<(Arc<tiny_http::Server>, Instant)>>,
-    /// Whether `retired` is not empty, read by idle workers without the lock.
-    has_retired: AtomicBool,
-    restarting: AtomicBool,
+/// A request whose head a connection thread has read, on its way to a worker.
+struct Incoming {
+    request: tiny_http::Request,
+    ticket: Ticket,
 }
 
-impl Http {
-    fn new(
-        listener: TcpListener,
-        addr: SocketAddr,
-        identity: Option<tiny_http::SslConfig>,
-    ) -> Result<Http, String> {
-        let spare = listener
-            .try_clone()
-            .map_err(|e| format!("cannot duplicate the listening socket: {e}"))?;
-        let server = new_server(listener, addr, identity.clone())?;
-        Ok(Http {
-            addr,
-            spare,
-            identity,
-            current: RwLock::new(Arc::new(server)),
-            retired: Mutex::new(Vec::new()),
-            has_retired: AtomicBool::new(false),
-            restarting: AtomicBool::new(false),
-        })
-    }
-
-    fn current(&self) -> Arc<tiny_http::Server> {
-        Arc::clone(&self.current.read())
-    }
-
-    /// Takes one waiting request from a retired server, if any has one; forgets
-    /// retired servers after `RETIRED_FOR`.
-    fn retired_request(&self) -> Option<tiny_http::Request> {
-        let mut retired = self.retired.lock();
-        retired.retain(|(_, since)| since.elapsed() < RETIRED_FOR);
-        self.has_retired
-            .store(!retired.is_empty(), Ordering::Relaxed);
-        retired
-            .iter()
-            .find_map(|(server, _)| server.try_recv().ok().flatten())
-    }
-
-    /// How long an idle worker waits on the current server: briefly while retired
-    /// servers may still have requests, so theirs wait little.
-    fn idle_poll(&self) -> Duration {
-        if self.has_retired.load(Ordering::Relaxed) {
-            RETIRED_POLL
-        } else {
-            IDLE_POLL
-        }
-    }
-
-    /// The accept loop of `dead` has ended: start a new server, once, retrying while
-    /// the process cannot get a file descriptor for it.
-    fn restart(pool: &Arc<Pool>, dead: &Arc<tiny_http::Server>, why: &io::Error) {
-        let http = &pool.http;
-        if !Arc::ptr_eq(dead, &http.current()) || http.restarting.swap(true, Ordering::SeqCst) {
-            return;
-        }
-        log::error!("the accept loop stopped ({why}); starting it again");
-        let owned = Arc::clone(pool);
-        let spawned = thread::Builder::new()
-            .name("accept-restart".to_owned())
-            .spawn(move || {
-                let http = &owned.http;
-                let mut pause = Duration::from_millis(50);
-                loop {
-                    let started = http
-                        .spare
-                        .try_clone()
-                        .map_err(|e| e.to_string())
-                        .and_then(|l| new_server(l, http.addr, http.identity.clone()));
-                    match started {
-                        Ok(server) => {
-                            let old =
-                                std::mem::replace(&mut *http.current.write(), Arc::new(server));
-                            http.retired.lock().push((old, Instant::now()));
-                            http.has_retired.store(true, Ordering::Relaxed);
-                            http.restarting.store(false, Ordering::SeqCst);
-                            log::warn!("accepting connections again on {}", http.addr);
-                            return;
-                        }
-                        Err(e) => {
-                            log::debug!("cannot restart the accept loop yet: {e}");
-                            thread::sleep(pause);
-                            pause = (pause * 2).min(Duration::from_secs(1));
-                        }
-                    }
-                }
-            });
-        if let Err(e) = spawned {
-            pool.http.restarting.store(false, Ordering::SeqCst);
-            log::error!("cannot start the accept-restart thread: {e}");
-        }
-    }
-}
-
-/// Watches the listening socket: connections waiting in its accept queue through
-/// `STUCK_POLLS` polls in a row while no request at all reaches the workers mean no
-/// accept loop is taking them (tiny_http's accept thread also dies by panicking when
-/// it cannot duplicate an accepted socket for lack of file descriptors, without a word
-/// to the workers). Under a high connection rate the queue is seldom empty, but
-/// requests keep arriving, so load alone does not look stuck.
-///
-/// It also rescues stranded connections (see `unread_connections`).
-fn watch_accept_queue(pool: &Arc<Pool>) {
-    let mut stuck = 0;
-    let mut seen = pool.received.load(Ordering::Relaxed);
-    let mut unread_before = Vec::new();
+/// The accept loop. It is the router's own, built on tiny_http's pieces (its
+/// `accept_connection` parses nothing; the connection's requests are then read by a
+/// thread of ours), because tiny_http's loop ends for good on any accept error but
+/// `ECONNABORTED` and cannot refuse connections over a cap. Here running out of file
+/// descriptors or threads sheds the connections that cannot be served and the loop
+/// goes on.
+fn accept_loop(
+    listener: &tiny_http::Listener,
+    tls: &tiny_http::SslContextWrap,
+    shared: &Arc<Shared>,
+    requests: &Sender<Incoming>,
+) {
+    let mut trouble = Trouble::default();
     loop {
-        thread::sleep(WATCH_EVERY);
-        let unread = unread_connections(pool.http.addr.port());
-        let stranded = unread
-            .iter()
-            .filter(|peer| unread_before.contains(*peer))
-            .count();
-        if stranded > 0 {
-            log::debug!("{stranded} connections wait unread; freeing connection threads for them");
-            nudge(pool.http.addr, stranded);
-        }
-        unread_before = unread;
-        let received = pool.received.load(Ordering::Relaxed);
-        let progress = std::mem::replace(&mut seen, received) != received;
-        stuck = match accept_queue_len(&pool.http.spare) {
-            Ok(0) => 0,
-            Ok(_) if progress => 0,
-            Ok(_) => stuck + 1,
-            Err(e) => {
-                log::debug!("cannot read the accept queue: {e}");
-                0
+        // tiny_http panics when it cannot duplicate the socket it just accepted (out
+        // of file descriptors); the socket is closed during the unwinding.
+        let accepted = panic::catch_unwind(AssertUnwindSafe(|| {
+            tiny_http::Server::accept_connection(listener, tls)
+        }));
+        let connection = match accepted {
+            Ok(Ok(Some(connection))) => connection,
+            // A TLS handshake that failed: tiny_http has closed the socket.
+            Ok(Ok(None)) => continue,
+            Ok(Err(e))
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::ConnectionAborted | io::ErrorKind::Interrupted
+                ) =>
+            {
+                continue
+            }
+            Ok(Err(e)) => {
+                // EMFILE and friends: the connection waits in the backlog until a
+                // descriptor is free.
+                trouble.report(&format!("cannot accept connections: {e}"));
+                thread::sleep(ACCEPT_PAUSE);
+                continue;
+            }
+            Err(_) => {
+                trouble
+                    .report("out of file descriptors: a connection was closed as it was accepted");
+                shared.metrics.observe_connection_closed("no_fd");
+                thread::sleep(ACCEPT_PAUSE);
+                continue;
             }
         };
-        if stuck >= STUCK_POLLS {
-            stuck = 0;
-            let dead = pool.http.current();
-            let why = io::Error::other("connections are waiting and none is accepted");
-            Http::restart(pool, &dead, &why);
-        }
-    }
-}
-
-const WATCH_EVERY: Duration = Duration::from_millis(500);
-
-/// The peers of established connections to `port` with request bytes nobody has read.
-///
-/// tiny_http's connection-thread pool queues a new connection when it counts an idle
-/// thread that is in fact already taken by an earlier connection of the same burst; a
-/// keep-alive connection holds its thread for its whole life, so the queued one would
-/// wait until some other connection closes, its request unread. Such connections show
-/// in the kernel's table with a non-empty receive queue.
-fn unread_connections(port: u16) -> Vec<String> {
-    let mut peers = Vec::new();
-    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
-        let Ok(text) = std::fs::read_to_string(table) else {
+        let cap = shared.config().settings.max_client_connections;
+        let Some(conn) = shared.clients.admit(cap) else {
+            trouble.report(&format!(
+                "{cap} client connections are open (max_client_connections): new ones are closed at once"
+            ));
+            shared.metrics.observe_connection_closed("over_cap");
             continue;
         };
-        for line in text.lines().skip(1) {
-            let fields: Vec<&str> = line.split_whitespace().collect();
-            let (Some(local), Some(remote), Some(state), Some(queues)) =
-                (fields.get(1), fields.get(2), fields.get(3), fields.get(4))
-            else {
-                continue;
-            };
-            let local_port = local
-                .rsplit(':')
-                .next()
-                .and_then(|p| u16::from_str_radix(p, 16).ok());
-            let unread = queues
-                .split(':')
-                .nth(1)
-                .and_then(|q| u64::from_str_radix(q, 16).ok());
-            // 01: ESTABLISHED.
-            if *state == "01" && local_port == Some(port) && unread.is_some_and(|n| n > 0) {
-                peers.push((*remote).to_owned());
-            }
+        let secure = connection.secure();
+        let requests = requests.clone();
+        let spawned = thread::Builder::new()
+            .name("conn".to_owned())
+            .stack_size(CONNECTION_STACK)
+            .spawn(move || read_requests(connection, secure, &conn, &requests));
+        if let Err(e) = spawned {
+            trouble.report(&format!(
+                "cannot start a connection thread ({e}): new connections are closed at once"
+            ));
+            shared.metrics.observe_connection_closed("no_thread");
         }
     }
-    peers
 }
 
-/// Opens and closes `n` connections to the router itself. Each one gets a connection
-/// thread (a new one when none is idle), which finds it closed at once and moves on to
-/// the oldest queued connection: a stranded one.
-fn nudge(addr: SocketAddr, n: usize) {
-    let target = match addr {
-        SocketAddr::V4(a) if a.ip().is_unspecified() => {
-            SocketAddr::from(([127, 0, 0, 1], a.port()))
-        }
-        SocketAddr::V6(a) if a.ip().is_unspecified() => {
-            SocketAddr::from((std::net::Ipv6Addr::LOCALHOST, a.port()))
-        }
-        other => other,
-    };
-    for _ in 0..n {
-        if let Err(e) = std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
-            log::debug!("cannot nudge the connection pool: {e}");
+/// How long the accept loop waits after an accept error before trying again.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
+
+/// A connection thread reads heads and parses them (tiny_http), and nothing more.
+const CONNECTION_STACK: usize = 256 * 1024;
+
+/// Name of the accept threads; the panic hook leaves their panics to `accept_loop`.
+pub const ACCEPT_THREAD: &str = "accept";
+
+/// tiny_http makes the TLS handshake inside `accept_connection`: a client that stalls
+/// its handshake holds an accept thread until the janitor closes it
+/// (`client_idle_timeout`), so an HTTPS router accepts on several.
+const TLS_ACCEPT_THREADS: usize = 8;
+
+/// A problem of the accept loop, logged at most every `TROUBLE_EVERY`: under a flood
+/// of connections the same line would otherwise be written thousands of times.
+#[derive(Default)]
+struct Trouble {
+    last: Option<Instant>,
+    unreported: u64,
+}
+
+const TROUBLE_EVERY: Duration = Duration::from_secs(10);
+
+impl Trouble {
+    fn report(&mut self, what: &str) {
+        if self.last.is_some_and(|t| t.elapsed() < TROUBLE_EVERY) {
+            self.unreported += 1;
             return;
         }
-    }
-}
-const STUCK_POLLS: u32 = 4;
-
-/// The number of connections waiting in the listening socket's accept queue (Linux
-/// reports it as `tcpi_unacked` of a listening socket).
-fn accept_queue_len(listener: &TcpListener) -> io::Result<u32> {
-    // SAFETY: `tcp_info` is plain old data, so all zeroes is a valid value.
-    #[allow(unsafe_code)]
-    let mut info: libc::tcp_info = unsafe { std::mem::zeroed() };
-    let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
-    // SAFETY: the fd is an open socket for the duration of the call; `info` and `len`
-    // are live and `len` holds the size of `info`.
-    #[allow(unsafe_code)]
-    let rc = unsafe {
-        libc::getsockopt(
-            listener.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            (&mut info as *mut libc::tcp_info).cast(),
-            &mut len,
-        )
-    };
-    if rc == 0 {
-        Ok(info.tcpi_unacked)
-    } else {
-        Err(io::Error::last_os_error())
+        let more = std::mem::take(&mut self.unreported);
+        if more > 0 {
+            log::warn!("{what} ({more} more accept problems since the last report)");
+        } else {
+            log::warn!("{what}");
+        }
+        self.last = Some(Instant::now());
     }
 }
 
-/// How long a retired server's connections are still served.
-const RETIRED_FOR: Duration = Duration::from_secs(600);
-
-/// How long an idle worker waits on the current server before looking at retired
-/// ones and at a possibly restarted current one.
-const IDLE_POLL: Duration = Duration::from_secs(1);
-/// The same while retired servers exist.
-const RETIRED_POLL: Duration = Duration::from_millis(50);
-
-fn new_server(
-    listener: TcpListener,
-    addr: SocketAddr,
-    identity: Option<tiny_http::SslConfig>,
-) -> Result<tiny_http::Server, String> {
-    // No idle connection threads kept in advance: each restart would leave them behind.
-    let mut config = tiny_http::ServerConfig::new_http(addr)
-        .map_err(|e| format!("bad listen address {addr}: {e}"))?
-        .set_min_threads(0);
-    config.ssl = identity;
-    tiny_http::Server::from_listener(listener, addr.into(), config)
-        .map_err(|e| format!("cannot start the HTTP server on {addr}: {e}"))
+/// The life of one connection's reading side: each request head tiny_http parses
+/// goes to the workers with a ticket on the connection. tiny_http answers a malformed
+/// head with 400 itself and then ends the connection.
+fn read_requests<E: std::fmt::Display>(
+    connection: impl Iterator<Item = Result<tiny_http::Request, E>>,
+    secure: bool,
+    conn: &Arc<Conn>,
+    requests: &Sender<Incoming>,
+) {
+    for next in connection {
+        let request = match next {
+            Ok(request) => request,
+            // A client closing an idle keep-alive connection arrives here too, so
+            // this is trace, not debug.
+            Err(e) => {
+                log::trace!("unreadable request: {e}");
+                continue;
+            }
+        };
+        // Over TLS the reading and writing sides share one session, and a read
+        // blocked on the next head would keep the reply from being written: wait
+        // for the reply first (tiny_http's own loop does the same).
+        let (done, finished) = if secure {
+            let (tx, rx) = crossbeam_channel::bounded(1);
+            (Some(tx), Some(rx))
+        } else {
+            (None, None)
+        };
+        let ticket = conn.ticket(request.remote_addr().copied(), done);
+        if requests.send(Incoming { request, ticket }).is_err() {
+            return;
+        }
+        if let Some(finished) = finished {
+            let _ = finished.recv();
+        }
+    }
 }
 
 /// Binds `host:port` and starts a pool of `workers` threads; serves HTTPS with
@@ -362,18 +248,30 @@ pub fn start(
     let addr = listener
         .local_addr()
         .map_err(|e| format!("cannot read the listening address: {e}"))?;
+    let accept_threads = if identity.is_some() {
+        TLS_ACCEPT_THREADS
+    } else {
+        1
+    };
+    let tls = tiny_http::SslContextWrap::build_ssl_capabilities(identity)
+        .map_err(|e| format!("cannot set up TLS: {e}"))?;
+    let (sender, requests) = crossbeam_channel::unbounded();
     let pool = Arc::new(Pool {
-        http: Http::new(listener, addr, identity)?,
-        shared,
+        requests,
+        shared: Arc::clone(&shared),
         size: Mutex::new(0),
-        received: AtomicU64::new(0),
     });
     pool.grow_to(workers)?;
-    let watched = Arc::clone(&pool);
-    thread::Builder::new()
-        .name("accept-watchdog".to_owned())
-        .spawn(move || watch_accept_queue(&watched))
-        .map_err(|e| format!("cannot start the accept watchdog: {e}"))?;
+    let front = Arc::new((tiny_http::Listener::from(listener), tls));
+    for _ in 0..accept_threads {
+        let (front, shared, sender) = (Arc::clone(&front), Arc::clone(&shared), sender.clone());
+        thread::Builder::new()
+            .name(ACCEPT_THREAD.to_owned())
+            .spawn(move || accept_loop(&front.0, &front.1, &shared, &sender))
+            .map_err(|e| format!("cannot start an accept thread: {e}"))?;
+    }
+    clients::spawn_janitor(shared, addr.port())
+        .map_err(|e| format!("cannot start the connection janitor: {e}"))?;
     Ok((addr, pool))
 }
 
@@ -419,42 +317,19 @@ fn set_nodelay(listener: &TcpListener) -> io::Result<()> {
 }
 
 fn worker(pool: &Arc<Pool>) {
-    loop {
-        let server = pool.http.current();
-        match server.recv_timeout(pool.http.idle_poll()) {
-            Ok(Ok(Some(request))) => {
-                pool.received.fetch_add(1, Ordering::Relaxed);
-                serve(request, &pool.shared);
-                // A busy pool never idles: look at the retired servers between
-                // requests too, so their connections are not starved.
-                if pool.http.has_retired.load(Ordering::Relaxed) {
-                    serve_retired(pool);
-                }
-            }
-            Ok(Ok(None)) => serve_retired(pool),
-            // tiny_http has already answered a malformed request with 400. Its error
-            // type is private, and a client closing an idle keep-alive connection
-            // arrives here too, so this is trace, not debug.
-            Ok(Err(e)) => log::trace!("unreadable request: {e}"),
-            Err(e) => Http::restart(pool, &server, &e),
-        }
-    }
-}
-
-fn serve_retired(pool: &Arc<Pool>) {
-    if let Some(request) = pool.http.retired_request() {
-        pool.received.fetch_add(1, Ordering::Relaxed);
-        serve(request, &pool.shared);
+    // The sender lives as long as the accept thread, which is the process.
+    while let Ok(Incoming { request, ticket }) = pool.requests.recv() {
+        serve(request, &ticket, &pool.shared);
     }
 }
 
 /// One request, with a panic contained to it: tiny_http answers a request dropped
 /// during unwinding with 500, the `Slot` guard gives its slot back, and this worker
 /// goes on with the next request.
-fn serve(request: tiny_http::Request, shared: &Arc<Shared>) {
+fn serve(request: tiny_http::Request, ticket: &Ticket, shared: &Arc<Shared>) {
     contain_panic(request, |request| {
-        if let Some(request) = endpoints::try_handle(request, shared) {
-            relay::handle(request, shared);
+        if let Some(request) = endpoints::try_handle(request, ticket, shared) {
+            relay::handle(request, ticket, shared);
         }
     });
 }

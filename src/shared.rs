@@ -8,6 +8,7 @@
 //! | `agent`    | nobody (ureq's pool is internally locked)   | `relay`                    |
 //! | `metrics`  | workers, health and reload threads (counts) | `/metrics`                 |
 //! | `draining` | the signal handler, once                    | `/readyz`, workers         |
+//! | `clients`  | accept and connection threads, workers (see `clients`) | the janitor, `/metrics` |
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -17,6 +18,7 @@ use parking_lot::RwLock;
 
 use crate::admission::Table;
 use crate::auth::Secret;
+use crate::clients::Clients;
 use crate::config::Config;
 use crate::metrics::Metrics;
 
@@ -26,6 +28,7 @@ pub struct Shared {
     pub table: Arc<Table>,
     pub agent: ureq::Agent,
     pub metrics: Metrics,
+    pub clients: Arc<Clients>,
     pub started: Instant,
     draining: AtomicBool,
 }
@@ -41,6 +44,7 @@ impl Shared {
             table,
             agent,
             metrics: Metrics::default(),
+            clients: Clients::new(),
             started: Instant::now(),
             draining: AtomicBool::new(false),
         }))

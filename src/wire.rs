@@ -20,6 +20,7 @@ use std::time::Instant;
 
 use tiny_http::{HTTPVersion, Request};
 
+use crate::clients::Ticket;
 use crate::error::RouterError;
 
 /// How the body of a response is delimited on the client connection.
@@ -79,6 +80,7 @@ impl BodyWriter {
     /// Starts a response; nothing is written until `send` or `finish`.
     pub fn start(
         request: Request,
+        ticket: &Ticket,
         conn: ClientConn,
         status: u16,
         headers: &[(String, String)],
@@ -92,7 +94,8 @@ impl BodyWriter {
             framing
         };
         BodyWriter {
-            out: request.into_writer(),
+            // Timed, so a client that stops reading is seen by the janitor.
+            out: Box::new(ticket.watch(request.into_writer())),
             framing,
             pending: head,
             bytes_out: 0,
@@ -173,6 +176,7 @@ impl BodyWriter {
 /// a worker.
 pub fn send_full(
     request: Request,
+    ticket: &Ticket,
     status: u16,
     headers: &[(String, String)],
     body: &[u8],
@@ -186,6 +190,9 @@ pub fn send_full(
         }
     }
     if !unread_body {
+        // A reply larger than the socket's buffers blocks on a client that does not
+        // read, like a stream.
+        let _writing = ticket.writing();
         return request.respond(response);
     }
     thread::Builder::new()
@@ -210,6 +217,7 @@ pub fn declares_body(request: &Request) -> bool {
 /// size of the body sent. `unread_body` as for `send_full`.
 pub fn send_error(
     request: Request,
+    ticket: &Ticket,
     err: &RouterError,
     extra: &[(String, String)],
     unread_body: bool,
@@ -231,6 +239,7 @@ pub fn send_error(
     let body = err.body();
     send_full(
         request,
+        ticket,
         err.status(),
         &headers,
         body.as_bytes(),

@@ -1202,3 +1202,349 @@ fn every_connection_of_a_keep_alive_burst_is_answered() {
         started.elapsed()
     );
 }
+
+// ---- Client connections: timeouts, the cap, running out of threads ----
+
+/// Reads from `stream` until the router closes it (EOF or reset); returns how long
+/// that took. Panics if it stays open for `within`.
+fn closed_within(stream: &mut TcpStream, within: Duration) -> Duration {
+    let started = Instant::now();
+    stream
+        .set_read_timeout(Some(Duration::from_millis(200)))
+        .expect("timeout");
+    let mut buf = [0u8; 64 * 1024];
+    loop {
+        match stream.read(&mut buf) {
+            Ok(0) => return started.elapsed(),
+            Ok(_) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => return started.elapsed(),
+        }
+        assert!(
+            started.elapsed() < within,
+            "the connection was still open after {within:?}"
+        );
+    }
+}
+
+/// One sample of the router's `/metrics`, read over `conn` (kept alive).
+fn metric(conn: &mut Conn, series: &str) -> f64 {
+    conn.send("GET", "/metrics", &[], b"", false);
+    let resp = conn.read_response(false).expect("metrics");
+    resp.text()
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in /metrics"))
+}
+
+#[test]
+fn idle_connections_and_slow_heads_are_closed_after_client_idle_timeout() {
+    let mock = Mock::start(&[]);
+    let router = Router::start(&crate::support::servers_toml(
+        &[(&mock.url, 2)],
+        "client_idle_timeout = 1",
+    ));
+    // A keep-alive connection after its reply.
+    let mut kept = Conn::open(router.addr);
+    kept.send("GET", "/livez", &[], b"", false);
+    assert_eq!(kept.read_response(false).expect("reply").status, 200);
+    // A connection that never sends anything.
+    let mut silent = TcpStream::connect(router.addr).expect("connect");
+    // A head sent a byte every 100 ms: it never completes within the timeout.
+    let mut slow = TcpStream::connect(router.addr).expect("connect");
+    let mut trickle = slow.try_clone().expect("clone");
+    let trickler = thread::spawn(move || {
+        let _ = trickle.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Slow: ");
+        while trickle.write_all(b"a").is_ok() {
+            thread::sleep(Duration::from_millis(100));
+        }
+    });
+    // A connection that sends a request every 400 ms is never idle for a second.
+    let mut busy = Conn::open(router.addr);
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_secs(3) {
+        busy.send("GET", "/livez", &[], b"", false);
+        let resp = busy
+            .read_response(false)
+            .expect("a busy connection stays open");
+        assert_eq!(resp.status, 200);
+        thread::sleep(Duration::from_millis(400));
+    }
+    for (what, stream) in [
+        ("kept", &mut kept.stream),
+        ("silent", &mut silent),
+        ("slow", &mut slow),
+    ] {
+        let waited = closed_within(stream, Duration::from_secs(10)) + started.elapsed();
+        assert!(
+            waited >= Duration::from_millis(900),
+            "{what} closed after {waited:?}"
+        );
+    }
+    trickler.join().expect("trickler");
+    assert_eq!(
+        mock.stat("total"),
+        0,
+        "the slow head never reached the backend"
+    );
+    assert!(
+        metric(
+            &mut busy,
+            "vllm_router_client_connections_closed_total{reason=\"idle\"}"
+        ) >= 3.0
+    );
+}
+
+/// Bodies over 1 KiB are read by the worker, under `client_body_timeout` (tiny_http
+/// reads smaller ones with the head, under `client_idle_timeout`).
+#[test]
+fn a_body_slower_than_client_body_timeout_is_cut_and_never_forwarded() {
+    let mock = Mock::start(&[]);
+    let router = Router::start(&crate::support::servers_toml(
+        &[(&mock.url, 2)],
+        "client_body_timeout = 1",
+    ));
+    let mut conn = Conn::open(router.addr);
+    conn.send_raw(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: slow-body\r\n\
+          Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"model\":",
+    );
+    let took = closed_within(&mut conn.stream, Duration::from_secs(10));
+    assert!(took >= Duration::from_millis(900), "closed after {took:?}");
+    let mut entry = None;
+    wait_until(SOON, "the access entry", || {
+        entry = router.access_entry("slow-body");
+        entry.is_some()
+    });
+    let entry = entry.expect("entry");
+    assert_eq!(entry["status"], 408, "{entry}");
+    assert_eq!(
+        mock.stat("total"),
+        0,
+        "the cut body never reached the backend"
+    );
+    let mut probe = Conn::open(router.addr);
+    assert_eq!(
+        metric(
+            &mut probe,
+            "vllm_router_client_connections_closed_total{reason=\"slow_body\"}"
+        ),
+        1.0
+    );
+}
+
+#[test]
+fn a_body_cut_by_the_client_is_never_forwarded() {
+    let mock = Mock::start(&[]);
+    let router = Router::start(&crate::support::servers_toml(&[(&mock.url, 2)], ""));
+    let mut conn = Conn::open(router.addr);
+    conn.send_raw(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nX-Request-Id: cut-body\r\n\
+          Content-Type: application/json\r\nContent-Length: 5000\r\n\r\n{\"model\":\"mock-model\"}",
+    );
+    conn.stream
+        .shutdown(std::net::Shutdown::Write)
+        .expect("half-close");
+    let resp = conn.read_response(false).expect("a reply");
+    assert_eq!(resp.status, 400, "{}", resp.text());
+    assert!(
+        resp.text().contains("ended after 22 of its 5000 bytes"),
+        "{}",
+        resp.text()
+    );
+    assert_eq!(
+        mock.stat("total"),
+        0,
+        "the cut body never reached the backend"
+    );
+}
+
+#[test]
+fn a_client_that_stops_reading_is_dropped_and_its_backend_request_ends() {
+    let mock = Mock::start(&["--tokens", "100000"]);
+    let router = Router::start(&crate::support::servers_toml(
+        &[(&mock.url, 1)],
+        "client_write_timeout = 1",
+    ));
+    let mut conn = Conn::open(router.addr);
+    let body =
+        br#"{"model":"mock-model","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+    conn.send(
+        "POST",
+        CHAT,
+        &[("Content-Type", "application/json")],
+        body,
+        false,
+    );
+    let (status, _) = conn.read_head().expect("head");
+    assert_eq!(status, 200);
+    // The client reads nothing more: the socket buffers fill and the router's write
+    // blocks until the janitor closes the connection.
+    wait_until(Duration::from_secs(20), "the slot is free again", || {
+        router.in_flight() == [0]
+    });
+    wait_until(SOON, "the backend request ended", || {
+        mock.stat("in_flight") == 0
+    });
+    assert!(mock.stat("aborted") >= 1, "{}", mock.stats());
+    let mut probe = Conn::open(router.addr);
+    assert_eq!(
+        metric(
+            &mut probe,
+            "vllm_router_client_connections_closed_total{reason=\"stalled_write\"}"
+        ),
+        1.0
+    );
+    // The slot serves the next request.
+    assert_eq!(
+        crate::support::post(router.addr, &[], CHAT_BODY).status,
+        200
+    );
+}
+
+/// Opens a connection and has `/livez` answered on it, retrying while the router
+/// still counts connections that just closed.
+fn admitted(addr: SocketAddr) -> Conn {
+    let mut admitted = None;
+    wait_until(SOON, "a connection admitted", || {
+        let mut conn = Conn::open(addr);
+        conn.stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        conn.send("GET", "/livez", &[], b"", false);
+        if conn.read_response(false).is_ok_and(|r| r.status == 200) {
+            admitted = Some(conn);
+        }
+        admitted.is_some()
+    });
+    admitted.expect("admitted")
+}
+
+#[test]
+fn connections_over_max_client_connections_are_refused_at_once() {
+    let mock = Mock::start(&[]);
+    let router = Router::start(&crate::support::servers_toml(
+        &[(&mock.url, 2)],
+        "max_client_connections = 3",
+    ));
+    let mut held: Vec<Conn> = (0..3).map(|_| admitted(router.addr)).collect();
+    for _ in 0..5 {
+        let mut over = TcpStream::connect(router.addr).expect("the kernel accepts");
+        let _ = over.write_all(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n");
+        let took = closed_within(&mut over, Duration::from_secs(2));
+        assert!(took < Duration::from_secs(1), "refused after {took:?}");
+    }
+    // The connections within the cap are served as before.
+    let conn = &mut held[0];
+    conn.send(
+        "POST",
+        CHAT,
+        &[("Content-Type", "application/json")],
+        CHAT_BODY.as_bytes(),
+        false,
+    );
+    assert_eq!(conn.read_response(false).expect("reply").status, 200);
+    assert!(
+        metric(
+            conn,
+            "vllm_router_client_connections_closed_total{reason=\"over_cap\"}"
+        ) >= 5.0
+    );
+    assert_eq!(metric(conn, "vllm_router_client_connections"), 3.0);
+    // One leaves, and a new one gets its place.
+    held.pop();
+    let mut next = admitted(router.addr);
+    next.send(
+        "POST",
+        CHAT,
+        &[("Content-Type", "application/json")],
+        CHAT_BODY.as_bytes(),
+        false,
+    );
+    assert_eq!(next.read_response(false).expect("reply").status, 200);
+}
+
+#[test]
+fn running_out_of_threads_sheds_new_connections_and_recovers() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: RLIMIT_NPROC binds only a user other than root, and switching to one needs root");
+        return;
+    }
+    const NPROC: u64 = 48;
+    let mock = Mock::start(&[]);
+    let router = Router::start_with_thread_limit(
+        &crate::support::servers_toml(&[(&mock.url, 2)], "worker_threads = 4"),
+        NPROC,
+    )
+    .expect("router starts");
+    router.wait_all_healthy();
+    // The first connection gets a thread; then far more than the limit allows.
+    let mut first = admitted(router.addr);
+    let held: Vec<TcpStream> = (0..2 * NPROC)
+        .filter_map(|_| TcpStream::connect(router.addr).ok())
+        .collect();
+    wait_until(SOON, "connections refused for lack of threads", || {
+        metric(
+            &mut first,
+            "vllm_router_client_connections_closed_total{reason=\"no_thread\"}",
+        ) > 0.0
+    });
+    // A connection that has its thread is served as before.
+    first.send(
+        "POST",
+        CHAT,
+        &[("Content-Type", "application/json")],
+        CHAT_BODY.as_bytes(),
+        false,
+    );
+    assert_eq!(first.read_response(false).expect("reply").status, 200);
+    drop(held);
+    drop(first);
+    // Threads come back as the connections close.
+    wait_until(
+        Duration::from_secs(20),
+        "new connections are served again",
+        || crate::support::try_post(router.addr, &[], CHAT_BODY).is_ok_and(|r| r.status == 200),
+    );
+    assert!(
+        router.log().contains("cannot start a connection thread"),
+        "the shedding is logged"
+    );
+}
+
+/// The router's own replies are timed too: a client that pipelines requests for
+/// `/metrics` and reads nothing holds no worker beyond `client_write_timeout`.
+#[test]
+fn a_client_that_reads_none_of_the_routers_own_replies_is_dropped() {
+    let mock = Mock::start(&[]);
+    let router = Router::start(&crate::support::servers_toml(
+        &[(&mock.url, 2)],
+        "client_write_timeout = 1",
+    ));
+    let mut greedy = TcpStream::connect(router.addr).expect("connect");
+    let requests = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n".repeat(3000);
+    let mut writer = greedy.try_clone().expect("clone");
+    // The router stops reading once its replies back up, so this write may block
+    // until the connection is closed.
+    let sender = thread::spawn(move || {
+        let _ = writer.write_all(requests.as_bytes());
+    });
+    let mut probe = admitted(router.addr);
+    wait_until(
+        Duration::from_secs(15),
+        "the stalled connection closed",
+        || {
+            metric(
+                &mut probe,
+                "vllm_router_client_connections_closed_total{reason=\"stalled_write\"}",
+            ) >= 1.0
+        },
+    );
+    closed_within(&mut greedy, Duration::from_secs(30));
+    sender.join().expect("sender");
+}

@@ -85,8 +85,12 @@ fn client(ca: &Path) -> ureq::Agent {
 }
 
 fn https_router(mock: &Mock, ca: &Path, cert: &Path, key: &Path) -> Router {
+    https_router_with(mock, ca, cert, key, "")
+}
+
+fn https_router_with(mock: &Mock, ca: &Path, cert: &Path, key: &Path, extra: &str) -> Router {
     let config = format!(
-        "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"",
+        "tls_cert_file = \"{}\"\ntls_key_file = \"{}\"\n{extra}",
         cert.display(),
         key.display()
     );
@@ -168,4 +172,41 @@ fn https_backends_are_reached_through_the_trusted_ca() {
     });
     assert_eq!(untrusted.post(CHAT, CHAT_BODY).status, 503);
     assert_eq!(mock.stat("total"), 2);
+}
+
+/// tiny_http makes the TLS handshake on the thread that accepts: clients that open a
+/// connection and never start their handshake must neither stop the router accepting
+/// nor hold their thread beyond `client_idle_timeout`.
+#[test]
+fn stalled_handshakes_neither_stop_accepting_nor_stay_open() {
+    use std::io::Read;
+    let dir = test_dir("tls-stall");
+    let (ca, cert, key) = make_certificates(&dir);
+    let mock = Mock::start(&[]);
+    let router = https_router_with(&mock, &ca, &cert, &key, "client_idle_timeout = 1");
+    let mut stalled: Vec<std::net::TcpStream> = (0..3)
+        .map(|_| std::net::TcpStream::connect(router.addr).expect("connect"))
+        .collect();
+    let agent = client(&ca);
+    let url = format!("https://127.0.0.1:{}/livez", router.addr.port());
+    let started = std::time::Instant::now();
+    let live = agent.get(&url).call().expect("https /livez");
+    assert_eq!(live.status().as_u16(), 200);
+    assert!(started.elapsed() < std::time::Duration::from_millis(900));
+    for conn in &mut stalled {
+        conn.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+            .expect("timeout");
+        let mut buf = [0u8; 64];
+        // Closed by the router: end of stream or a reset, never the timeout.
+        match conn.read(&mut buf) {
+            Ok(n) => assert_eq!(n, 0),
+            Err(e) => assert!(
+                !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+                "a stalled handshake stayed open: {e}"
+            ),
+        }
+    }
 }

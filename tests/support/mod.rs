@@ -143,6 +143,15 @@ impl Mock {
     }
 }
 
+/// A resource limit the router is started under.
+#[derive(Clone, Copy)]
+enum Limit {
+    Files(u64),
+    ThreadsAsNobody(u64),
+}
+
+const NOBODY: u32 = 65534;
+
 /// A running router, with its config file and logs in its own directory.
 pub struct Router {
     proc: Proc,
@@ -172,18 +181,25 @@ impl Router {
     /// `during_startup` on another thread as soon as the process is spawned.
     /// Starts the router with at most `nofile` open file descriptors.
     pub fn start_with_fd_limit(toml: &str, nofile: u64) -> Result<Router, String> {
-        Router::launch(toml, &[], &[], Some(nofile), |_| {})
+        Router::launch(toml, &[], &[], Some(Limit::Files(nofile)), |_| {})
+    }
+
+    /// Starts the router as user `nobody` allowed at most `nproc` threads (that
+    /// user's whole count; root is exempt from the limit, hence the other user).
+    /// `nobody` cannot reach the build directory, so the binary runs from a copy.
+    pub fn start_with_thread_limit(toml: &str, nproc: u64) -> Result<Router, String> {
+        Router::launch(toml, &[], &[], Some(Limit::ThreadsAsNobody(nproc)), |_| {})
     }
 
     fn launch(
         toml: &str,
         args: &[&str],
         envs: &[(&str, &str)],
-        nofile: Option<u64>,
+        limit: Option<Limit>,
         during_startup: impl FnOnce(PathBuf) + Send + 'static,
     ) -> Result<Router, String> {
         let dir = test_dir("router");
-        Router::launch_in(dir.clone(), &dir, toml, args, envs, nofile, during_startup)
+        Router::launch_in(dir.clone(), &dir, toml, args, envs, limit, during_startup)
     }
 
     /// `launch` with the config in `dir` and the process running in `cwd`.
@@ -193,12 +209,24 @@ impl Router {
         toml: &str,
         args: &[&str],
         envs: &[(&str, &str)],
-        nofile: Option<u64>,
+        limit: Option<Limit>,
         during_startup: impl FnOnce(PathBuf) + Send + 'static,
     ) -> Result<Router, String> {
         let config = dir.join("servers.toml");
         std::fs::write(&config, toml).expect("write config");
-        let mut cmd = Command::new(ROUTER);
+        let mut cmd = match limit {
+            Some(Limit::ThreadsAsNobody(_)) => {
+                use std::os::unix::fs::PermissionsExt;
+                let copy = dir.join("vllm-router");
+                std::fs::copy(ROUTER, &copy).expect("copy the router binary");
+                let open = std::fs::Permissions::from_mode(0o777);
+                std::fs::set_permissions(&dir, open).expect("open the test dir to nobody");
+                std::fs::set_permissions(&config, std::fs::Permissions::from_mode(0o644))
+                    .expect("config readable");
+                Command::new(copy)
+            }
+            _ => Command::new(ROUTER),
+        };
         cmd.current_dir(cwd)
             .env_clear()
             .env("LOG_DIR", dir.join("logs"))
@@ -216,8 +244,15 @@ impl Router {
             .arg(&config)
             .args(args)
             .stderr(Stdio::null());
-        if let Some(n) = nofile {
+        if let Some(limit) = limit {
             use std::os::unix::process::CommandExt;
+            let (resource, n) = match limit {
+                Limit::Files(n) => (libc::RLIMIT_NOFILE, n),
+                Limit::ThreadsAsNobody(n) => {
+                    cmd.uid(NOBODY).gid(NOBODY);
+                    (libc::RLIMIT_NPROC, n)
+                }
+            };
             let limit = libc::rlimit {
                 rlim_cur: n,
                 rlim_max: n,
@@ -226,7 +261,7 @@ impl Router {
             // async-signal-safe, on a value it owns.
             unsafe {
                 cmd.pre_exec(move || {
-                    if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                    if libc::setrlimit(resource, &limit) == 0 {
                         Ok(())
                     } else {
                         Err(std::io::Error::last_os_error())
