@@ -107,7 +107,7 @@ pub struct Conn {
 impl Conn {
     /// Counts a request read from this connection (connection thread). `done` is
     /// signalled when the request is finished.
-    pub fn ticket(self: &Arc<Self>, peer: Option<SocketAddr>, done: Option<Sender<()>>) -> Ticket {
+    pub fn ticket(self: &Arc<Self>, peer: Option<SocketAddr>, done: Sender<()>) -> Ticket {
         if let Some(peer) = peer {
             if self.peer.set(canonical(peer)).is_ok() {
                 self.clients
@@ -149,7 +149,7 @@ impl Drop for Conn {
 /// One request's hold on its connection, kept by the worker serving it.
 pub struct Ticket {
     conn: Arc<Conn>,
-    done: Option<Sender<()>>,
+    done: Sender<()>,
 }
 
 impl Ticket {
@@ -184,9 +184,8 @@ impl Drop for Ticket {
         let now = self.conn.clients.now();
         self.conn.idle_since.store(now, Ordering::SeqCst);
         self.conn.active.fetch_sub(1, Ordering::SeqCst);
-        if let Some(done) = self.done.take() {
-            let _ = done.send(());
-        }
+        // The connection thread may have gone (the client closed).
+        let _ = self.done.try_send(());
     }
 }
 
@@ -589,10 +588,12 @@ mod tests {
         let b = clients.admit(2).expect("second");
         assert!(clients.admit(2).is_none());
         drop(a);
-        let ticket = b.ticket(Some("127.0.0.1:5000".parse().expect("addr")), None);
+        let (done, finished) = crossbeam_channel::bounded(1);
+        let ticket = b.ticket(Some("127.0.0.1:5000".parse().expect("addr")), done);
         drop(b);
         assert_eq!(clients.open(), 1, "the ticket keeps its connection counted");
         drop(ticket);
+        assert!(finished.try_recv().is_ok(), "the end is signalled");
         assert_eq!(clients.open(), 0);
         assert!(clients.by_peer.lock().is_empty());
     }

@@ -195,38 +195,47 @@ impl Trouble {
 /// The life of one connection's reading side: each request head tiny_http parses
 /// goes to the workers with a ticket on the connection. tiny_http answers a malformed
 /// head with 400 itself and then ends the connection.
+///
+/// A connection has one request at a time with the workers: a client pipelining
+/// requests would otherwise hold a worker for each (all but the first waiting to write
+/// their reply after the one before). Over plain HTTP the next head is read while the
+/// previous request runs and held until it ends, which costs nothing to a client that
+/// waits for each reply; over TLS the reading and writing sides share one session, and
+/// a read blocked on the next head would keep the reply from being written, so the
+/// reply comes first (tiny_http's own loop does the same).
 fn read_requests<E: std::fmt::Display>(
-    connection: impl Iterator<Item = Result<tiny_http::Request, E>>,
+    mut connection: impl Iterator<Item = Result<tiny_http::Request, E>>,
     secure: bool,
     conn: &Arc<Conn>,
     requests: &Sender<Incoming>,
 ) {
-    for next in connection {
-        let request = match next {
-            Ok(request) => request,
+    let (done, finished) = crossbeam_channel::bounded(1);
+    // Whether a request of this connection is with the workers.
+    let mut running = false;
+    // Waits for that request to end; false if the workers are gone.
+    let previous_ends = |running: &mut bool| !std::mem::take(running) || finished.recv().is_ok();
+    loop {
+        if secure && !previous_ends(&mut running) {
+            return;
+        }
+        let request = match connection.next() {
+            None => return,
+            Some(Ok(request)) => request,
             // A client closing an idle keep-alive connection arrives here too, so
             // this is trace, not debug.
-            Err(e) => {
+            Some(Err(e)) => {
                 log::trace!("unreadable request: {e}");
                 continue;
             }
         };
-        // Over TLS the reading and writing sides share one session, and a read
-        // blocked on the next head would keep the reply from being written: wait
-        // for the reply first (tiny_http's own loop does the same).
-        let (done, finished) = if secure {
-            let (tx, rx) = crossbeam_channel::bounded(1);
-            (Some(tx), Some(rx))
-        } else {
-            (None, None)
-        };
-        let ticket = conn.ticket(request.remote_addr().copied(), done);
+        if !previous_ends(&mut running) {
+            return;
+        }
+        let ticket = conn.ticket(request.remote_addr().copied(), done.clone());
         if requests.send(Incoming { request, ticket }).is_err() {
             return;
         }
-        if let Some(finished) = finished {
-            let _ = finished.recv();
-        }
+        running = true;
     }
 }
 

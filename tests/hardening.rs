@@ -1548,3 +1548,48 @@ fn a_client_that_reads_none_of_the_routers_own_replies_is_dropped() {
     closed_within(&mut greedy, Duration::from_secs(30));
     sender.join().expect("sender");
 }
+
+/// A client pipelining requests has one of them with the workers at a time, so it
+/// cannot take the whole pool from the others.
+#[test]
+fn a_pipelining_client_holds_one_worker_at_a_time() {
+    let mock = Mock::start(&[]);
+    let router = Router::start(&crate::support::servers_toml(
+        &[(&mock.url, 16)],
+        "worker_threads = 4",
+    ));
+    let slow =
+        br#"{"model":"mock-model","messages":[{"role":"user","content":"hi"}],"max_tokens":2}"#;
+    let mut one = Vec::new();
+    let _ = write!(
+        one,
+        "POST {CHAT} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+         x-mock-delay-ms: 100\r\nContent-Length: {}\r\n\r\n",
+        slow.len()
+    );
+    one.extend_from_slice(slow);
+    let mut pipeliner = Conn::open(router.addr);
+    pipeliner.send_raw(&one.repeat(20));
+    thread::sleep(Duration::from_millis(100));
+    // With the pipeline's 20 requests spread over the pool, this one would wait for
+    // seconds.
+    let started = Instant::now();
+    let resp = crate::support::post(router.addr, &[], CHAT_BODY);
+    assert_eq!(resp.status, 200, "{}", resp.text());
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_millis(1500),
+        "another client waited {waited:?}"
+    );
+    assert!(
+        mock.stats()["peak_in_flight"].as_u64() <= Some(2),
+        "{}",
+        mock.stats()
+    );
+    for i in 0..20 {
+        let reply = pipeliner
+            .read_response(false)
+            .unwrap_or_else(|e| panic!("pipelined reply {i}: {e}"));
+        assert_eq!(reply.status, 200, "pipelined reply {i}");
+    }
+}
