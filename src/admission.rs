@@ -19,6 +19,11 @@
 //! names what it wants (`Want`: a model, and backends already tried) and only matching
 //! healthy backends are considered, in the queue as well.
 //!
+//! Each entry also owns its backend's HTTP client (`upstream::BackendAgent`, see
+//! `upstream` for why there is one per backend): made with the entry, kept by a server
+//! that stays across a reload, handed to each `Slot` (and to health probes,
+//! `agent_of`) as a clone, and dropped with the entry and the last of those clones.
+//!
 //! How busy a backend is (`Entry::load`) is the larger of this router's in-flight count
 //! and the load the backend itself reported in its `/metrics` (which includes other
 //! router replicas), corrected for what this router admitted since that report. The
@@ -37,6 +42,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
 use crate::config::ServerConfig;
+use crate::upstream::{AgentConfig, BackendAgent};
 
 /// The reason shown for a backend that has not had its first health check.
 pub const NOT_CHECKED: &str = "not checked yet";
@@ -49,6 +55,8 @@ pub type BackendId = u64;
 /// The shared slot table. Cloned as `Arc<Table>` into every thread.
 pub struct Table {
     inner: Mutex<Inner>,
+    /// What the agent of each backend added by a reload is built from.
+    agents: AgentConfig,
 }
 
 struct Inner {
@@ -65,6 +73,7 @@ struct Inner {
 struct Entry {
     id: BackendId,
     url: Arc<str>,
+    agent: BackendAgent,
     max_concurrent: u32,
     in_flight: u32,
     healthy: bool,
@@ -166,6 +175,9 @@ pub struct Slot {
     table: Arc<Table>,
     id: BackendId,
     url: Arc<str>,
+    /// Kept by the slot so that a backend removed by a reload meanwhile keeps its
+    /// client until the request ends.
+    agent: BackendAgent,
     /// How long the request waited in the queue for this slot.
     pub queued_for: Duration,
 }
@@ -173,6 +185,11 @@ pub struct Slot {
 impl Slot {
     pub fn backend_url(&self) -> &str {
         &self.url
+    }
+
+    /// The HTTP client of the slot's backend.
+    pub fn agent(&self) -> &BackendAgent {
+        &self.agent
     }
 
     pub fn backend_id(&self) -> BackendId {
@@ -236,8 +253,9 @@ pub struct TableView {
 impl Table {
     /// Builds the table from the configured servers. With active health checks on,
     /// a backend takes traffic only after its first good check; otherwise it is
-    /// trusted until passive health says otherwise.
-    pub fn new(servers: &[ServerConfig], trusted: bool) -> Arc<Table> {
+    /// trusted until passive health says otherwise. Each backend gets an agent made
+    /// from `agents`.
+    pub fn new(servers: &[ServerConfig], trusted: bool, agents: AgentConfig) -> Arc<Table> {
         let mut inner = Inner {
             entries: Vec::with_capacity(servers.len()),
             queue: VecDeque::new(),
@@ -247,18 +265,20 @@ impl Table {
             closed: false,
         };
         for server in servers {
-            inner.add_entry(server, trusted);
+            inner.add_entry(server, trusted, agents.new_agent());
         }
         Arc::new(Table {
             inner: Mutex::new(inner),
+            agents,
         })
     }
 
     /// Applies a reloaded server list in one step. A server whose URL is unchanged
-    /// keeps all its state (in-flight count, health, models, counters) and takes a new
-    /// capacity at once; a new server joins like one at start-up (`trusted` as in
-    /// `new`); a removed server takes no new requests, its in-flight requests finish,
-    /// and its entry is forgotten with its last slot.
+    /// keeps all its state (in-flight count, health, models, counters, its agent and
+    /// the agent's idle connections) and takes a new capacity at once; a new server
+    /// joins like one at start-up (`trusted` as in `new`); a removed server takes no
+    /// new requests, its in-flight requests finish, and its entry is forgotten with its
+    /// last slot.
     pub fn apply_servers(&self, servers: &[ServerConfig], trusted: bool) -> ServerChanges {
         let mut inner = self.inner.lock();
         let mut changes = ServerChanges::default();
@@ -268,7 +288,10 @@ impl Table {
                 changes.removed.push(e.url.to_string());
             }
         }
-        inner.entries.retain(|e| !(e.removed && e.in_flight == 0));
+        let (gone, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut inner.entries)
+            .into_iter()
+            .partition(|e| e.removed && e.in_flight == 0);
+        inner.entries = kept;
         for server in servers {
             match inner
                 .entries
@@ -285,7 +308,7 @@ impl Table {
                 }
                 Some(_) => {}
                 None => {
-                    inner.add_entry(server, trusted);
+                    inner.add_entry(server, trusted, self.agents.new_agent());
                     changes.added.push(server.url.clone());
                 }
             }
@@ -301,6 +324,10 @@ impl Table {
             .entries
             .sort_by_key(|e| position(e).unwrap_or(usize::MAX));
         inner.dispatch();
+        // The last owner of an idle backend's agent closes its pooled connections:
+        // outside the lock.
+        drop(inner);
+        drop(gone);
         changes
     }
 
@@ -350,11 +377,16 @@ impl Table {
             let granted = wake.granted.load(Ordering::Relaxed);
             if granted != 0 {
                 // `dispatch` already counted the slot and removed us from the queue.
-                let url = inner.url_of(granted);
+                let (url, agent) = inner
+                    .slot_parts(granted)
+                    // A granted slot keeps its entry alive (in_flight > 0), so this is
+                    // not reached.
+                    .unwrap_or_else(|| (Arc::from(""), self.agents.new_agent()));
                 return Ok(Slot {
                     table: Arc::clone(self),
                     id: granted,
                     url,
+                    agent,
                     queued_for: start.elapsed(),
                 });
             }
@@ -423,6 +455,16 @@ impl Table {
     pub fn has_usable_backend(&self) -> bool {
         let inner = self.inner.lock();
         !inner.closed && inner.entries.iter().any(|e| e.usable(&Want::default()))
+    }
+
+    /// The HTTP client of one backend (while it is not removed), for health probes.
+    pub fn agent_of(&self, id: BackendId) -> Option<BackendAgent> {
+        let inner = self.inner.lock();
+        inner
+            .entries
+            .iter()
+            .find(|e| e.id == id && !e.removed)
+            .map(|e| e.agent.clone())
     }
 
     /// This router's requests in flight on one backend.
@@ -577,6 +619,7 @@ impl Table {
             table: Arc::clone(self),
             id: entry.id,
             url: Arc::clone(&entry.url),
+            agent: entry.agent.clone(),
             queued_for,
         }
     }
@@ -716,12 +759,13 @@ impl Inner {
         }
     }
 
-    fn add_entry(&mut self, server: &ServerConfig, trusted: bool) {
+    fn add_entry(&mut self, server: &ServerConfig, trusted: bool, agent: BackendAgent) {
         let id = self.next_id;
         self.next_id += 1;
         self.entries.push(Entry {
             id,
             url: Arc::from(server.url.as_str()),
+            agent,
             max_concurrent: server.max_concurrent_requests,
             in_flight: 0,
             healthy: trusted,
@@ -740,13 +784,12 @@ impl Inner {
         self.entries.iter_mut().find(|e| e.id == id)
     }
 
-    fn url_of(&self, id: BackendId) -> Arc<str> {
+    /// The URL and agent a slot on backend `id` carries.
+    fn slot_parts(&self, id: BackendId) -> Option<(Arc<str>, BackendAgent)> {
         self.entries
             .iter()
             .find(|e| e.id == id)
-            .map(|e| Arc::clone(&e.url))
-            // A granted slot keeps its entry alive (in_flight > 0), so this is not reached.
-            .unwrap_or_else(|| Arc::from(""))
+            .map(|e| (Arc::clone(&e.url), e.agent.clone()))
     }
 }
 
@@ -765,7 +808,9 @@ mod tests {
                 api_key: None,
             })
             .collect();
-        Table::new(&servers, true)
+        let agents =
+            AgentConfig::from_settings(&crate::config::Settings::default()).expect("agent config");
+        Table::new(&servers, true, agents)
     }
 
     fn limits(queue: usize, ms: u64) -> Limits {

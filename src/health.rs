@@ -34,6 +34,7 @@ use crate::admission::{BackendId, BackendView, CheckStats, Reported, NOT_CHECKED
 use crate::auth::Secret;
 use crate::config::Settings;
 use crate::shared::Shared;
+use crate::upstream::BackendAgent;
 
 /// Checks remembered per backend.
 const WINDOW: usize = 10;
@@ -145,6 +146,10 @@ fn start_probe_if_due(
     if !check_due && !models_due && !scrape_due {
         return;
     }
+    // Gone only if a reload removed the backend since the view was taken.
+    let Some(agent) = shared.table.agent_of(b.id) else {
+        return;
+    };
     track.probing = true;
     if check_due {
         track.last_probe = Some(now);
@@ -164,7 +169,7 @@ fn start_probe_if_due(
         .name("health-probe".to_owned())
         .spawn(move || {
             let target = Target {
-                agent: &shared.agent,
+                agent: &agent,
                 url: &url,
                 timeout,
                 key,
@@ -359,7 +364,7 @@ fn verdict(track: &Track, last: &Result<Duration, String>, s: &Settings) -> Opti
 
 /// One backend as a probe thread sees it.
 struct Target<'a> {
-    agent: &'a ureq::Agent,
+    agent: &'a BackendAgent,
     url: &'a str,
     timeout: Duration,
     /// The backend's `api_key`, sent with every probe (vLLM guards `/v1/*` with it).

@@ -20,4 +20,5 @@ pub mod server;
 pub mod shared;
 pub mod signals;
 pub mod tls;
+pub mod upstream;
 pub mod wire;

@@ -311,7 +311,7 @@ impl Exchange<'_> {
             backend_fault: false,
         })?;
         let timeout = self.config.settings.request_timeout;
-        let agent = &self.shared.agent;
+        let agent = slot.agent();
         let request = agent
             .configure_request(request)
             .timeout_connect(Some(CONNECT_TIMEOUT.min(timeout)))

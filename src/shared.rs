@@ -1,14 +1,20 @@
 //! The state every thread shares, built once by `main` and cloned (as `Arc<Shared>`)
 //! into every worker. Each piece has one writer:
 //!
-//! | piece      | written by                                  | read by                    |
-//! |------------|---------------------------------------------|----------------------------|
+//! | piece      | written by                                  | read by                     |
+//! |------------|---------------------------------------------|-----------------------------|
 //! | `config`   | `main` at start, then the reload thread     | every request, at its start |
-//! | `table`    | `admission` only (acquire, release, close)  | status endpoints (views)   |
-//! | `agent`    | nobody (ureq's pool is internally locked)   | `relay`                    |
-//! | `metrics`  | workers, health and reload threads (counts) | `/metrics`                 |
-//! | `draining` | the signal handler, once                    | `/readyz`, workers         |
+//! | `table`    | `admission` only (acquire, release, close)  | status endpoints (views)    |
+//! | agents     | `admission`, one in each backend's entry    | `relay`, health probes      |
+//! | `metrics`  | workers, health and reload threads (counts) | `/metrics`                  |
+//! | `draining` | the signal handler, once                    | `/readyz`, workers          |
 //! | `clients`  | accept and connection threads, workers (see `clients`) | the janitor, `/metrics` |
+//!
+//! The agents, ureq's HTTP clients (`upstream`), live in the `table`: each backend's is
+//! made with its entry (at start, or when a reload adds the server) and goes with it.
+//! A request takes a clone with its slot (`Slot::agent`), a health probe one for its
+//! round (`Table::agent_of`), so a backend removed by a reload keeps its agent until
+//! the last of them ends. They need no lock of the router's: ureq's pool has its own.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -21,12 +27,12 @@ use crate::auth::Secret;
 use crate::clients::Clients;
 use crate::config::Config;
 use crate::metrics::Metrics;
+use crate::upstream::AgentConfig;
 
 pub struct Shared {
     config: RwLock<Arc<Config>>,
     env_api_key: Option<Secret>,
     pub table: Arc<Table>,
-    pub agent: ureq::Agent,
     pub metrics: Metrics,
     pub clients: Arc<Clients>,
     pub started: Instant,
@@ -36,13 +42,13 @@ pub struct Shared {
 impl Shared {
     /// `env_api_key` is the `API_KEY` environment variable, read once at start.
     pub fn new(config: Config, env_api_key: Option<Secret>) -> Result<Arc<Shared>, String> {
-        let table = Table::new(&config.servers, !config.settings.enable_active_health_check);
-        let agent = backend_agent(&config.settings)?;
+        let agents = AgentConfig::from_settings(&config.settings)?;
+        let trusted = !config.settings.enable_active_health_check;
+        let table = Table::new(&config.servers, trusted, agents);
         Ok(Arc::new(Shared {
             env_api_key,
             config: RwLock::new(Arc::new(config)),
             table,
-            agent,
             metrics: Metrics::default(),
             clients: Clients::new(),
             started: Instant::now(),
@@ -84,31 +90,4 @@ impl Shared {
     pub fn is_draining(&self) -> bool {
         self.draining.load(Ordering::SeqCst)
     }
-}
-
-/// The HTTP client towards the backends. It must add nothing of its own to what it
-/// relays: no redirects followed, no status turned into an error, no User-Agent,
-/// Accept or Accept-Encoding of its own, and no decompression (the gzip feature is off
-/// in Cargo.toml) so bodies reach the client as the backend sent them.
-fn backend_agent(settings: &crate::config::Settings) -> Result<ureq::Agent, String> {
-    use ureq::config::AutoHeaderValue;
-    let builder = ureq::Agent::config_builder();
-    #[cfg(feature = "tls")]
-    let builder = builder.tls_config(crate::tls::client_config(settings)?);
-    #[cfg(not(feature = "tls"))]
-    let _ = settings;
-    Ok(builder
-        .http_status_as_error(false)
-        .max_redirects(0)
-        .max_redirects_will_error(false)
-        .user_agent(AutoHeaderValue::None)
-        .accept(AutoHeaderValue::None)
-        .accept_encoding(AutoHeaderValue::None)
-        .allow_non_standard_methods(true)
-        .no_delay(true)
-        // Enough idle connections that a busy backend is not re-dialled per request.
-        .max_idle_connections(1024)
-        .max_idle_connections_per_host(256)
-        .build()
-        .new_agent())
 }

@@ -1014,6 +1014,31 @@ fn hostile_heads_and_bodies_get_clear_errors_and_never_reach_the_backend() {
         let resp = send_raw(router.addr, &chat_head(CHAT, &extra)).expect("reply");
         assert_eq!(resp.status, 200, "{what}: {}", resp.text());
     }
+    // ureq writes a request head through a 16 KiB buffer (`upstream`), whole lines at a
+    // time: a head near the cap goes out in pieces, and a single line longer than the
+    // buffer, a header or the request line, needs a buffer of its own for that request.
+    // Each of these must reach the backend whole, and the backend stay healthy.
+    let kib15 = "v".repeat(15 * 1024);
+    let kib60 = "w".repeat(60 * 1024);
+    let target_16k = format!("{CHAT}?pad={}", "a".repeat(16 * 1024 - CHAT.len() - 5));
+    for (what, target, pad) in [
+        ("60 KiB of headers", CHAT, Some((4, &kib15))),
+        ("one header of 60 KiB", CHAT, Some((1, &kib60))),
+        ("a 16 KiB target", target_16k.as_str(), None),
+    ] {
+        let extra = pad.map_or(String::new(), |(n, value)| pad_headers(n, value));
+        // Twice: the pooled connections still serve after a request that had its own.
+        for round in 1..=2 {
+            let resp = send_raw(router.addr, &chat_head(target, &extra)).expect("reply");
+            assert_eq!(resp.status, 200, "{what}, {round}: {}", resp.text());
+            if let Some((_, value)) = pad {
+                assert_eq!(mock.headers_seen("X-Pad-0"), [value.as_str()], "{what}");
+            }
+            assert_eq!(mock.last()["path"], json!(target), "{what}");
+        }
+    }
+    assert_eq!(router.server(0)["request_failures"], 0);
+    assert_eq!(router.server(0)["healthy"], true);
 
     // A route the router does not parse takes any body.
     let raw = b"POST /v1/some/other/route HTTP/1.1\r\nHost: x\r\nContent-Length: 8\r\nConnection: close\r\n\r\nnot json";

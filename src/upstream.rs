@@ -1,0 +1,172 @@
+//! The HTTP client towards the backends: one ureq `Agent` per backend, every one built
+//! from the same configuration (`AgentConfig`), which is read from the settings once at
+//! start.
+//!
+//! One agent per backend, because ureq's connection pool purges its idle connections
+//! on every checkout and return in time proportional to idle connections times distinct
+//! hosts: one agent shared by all backends made every request dearer as backends were
+//! added (3.9 times at 64 backends, issue #7). An agent that only ever sees one host
+//! pays for its own idle connections only, and its per-host idle limit is simply its
+//! limit.
+//!
+//! Owner: each backend's entry in the slot table (`admission`). The entry's agent is
+//! made with the entry (at start, or when a reload adds the server) and a server that
+//! stays across a reload keeps its entry, so its idle connections survive the reload.
+//! A `Slot` holds a clone for its request and a health probe one for its round, so the
+//! agent of a removed backend, and with it its idle connections, goes when the last of
+//! those ends. Clones are cheap: an agent is a handful of `Arc`s.
+
+use ureq::config::{AutoHeaderValue, Config, ConfigBuilder};
+use ureq::http;
+use ureq::typestate::HttpCrateScope;
+use ureq::AsSendBody;
+
+use crate::config::Settings;
+
+/// The buffer ureq reads a backend's reply into, one per connection, allocated in full
+/// at the connection's first use and kept while it waits in the pool. ureq's default
+/// is 128 KiB for this and as much for the output buffer: 256 KiB per connection, most
+/// of the router's memory at 1000 streams (364 MiB, issue #7). The relay never asks for
+/// more than 16 KiB per read (`relay::READ_BUF`), so a larger buffer would not save
+/// reads.
+///
+/// The backend's whole response head must fit: ureq does not grow this buffer, and a
+/// head it cannot finish is an error. vLLM's heads are a few hundred bytes. A backend
+/// that sends a larger one, up to an endless header (tests/garbage.rs), has this much of
+/// it read, and the client gets a 502; it counts as a failure of that backend.
+const INPUT_BUFFER: usize = 16 * 1024;
+
+/// One byte under the input buffer, so that a head that fills the buffer is reported as
+/// too large ("response header is too big") rather than as a backend that stopped
+/// sending, which is what ureq says when it finds no room left to read into.
+const MAX_RESPONSE_HEAD: usize = INPUT_BUFFER - 1;
+
+/// The buffer ureq writes the request through, one per connection, also allocated in
+/// full at first use. ureq writes the head as many whole lines per write as fit, so
+/// the buffer must hold the longest single line, not the whole head; the body goes out
+/// in pieces of this size. 16 KiB is many times any ordinary head line. A request with
+/// a longer one (the router lets through one header of up to `MAX_HEADER_BYTES` or a
+/// target of up to `MAX_TARGET_BYTES`, see `headers`) gets a buffer of its own size for
+/// that request: see `BackendAgent::configure_request`.
+const OUTPUT_BUFFER: usize = 16 * 1024;
+
+/// Idle connections kept per backend, so that a busy backend is not re-dialled for
+/// every request; the same as the per-host limit of the single agent before. Pooled
+/// connections only exist after that many requests ran at once, and ureq closes those
+/// idle longer than its `max_idle_age`.
+const MAX_IDLE_PER_BACKEND: usize = 256;
+
+/// What every backend's agent is built from. Read from the settings at start only:
+/// a reload that changes TLS files asks for a restart (`reload`), so agents made for
+/// servers added later are configured like the first ones.
+#[derive(Clone)]
+pub struct AgentConfig(Config);
+
+impl AgentConfig {
+    /// The agent must add nothing of its own to what it relays: no redirects followed,
+    /// no status turned into an error, no User-Agent, Accept or Accept-Encoding of its
+    /// own, and no decompression (the gzip feature is off in Cargo.toml), so bodies reach
+    /// the client as the backend sent them.
+    pub fn from_settings(settings: &Settings) -> Result<AgentConfig, String> {
+        let builder = ureq::Agent::config_builder();
+        #[cfg(feature = "tls")]
+        let builder = builder.tls_config(crate::tls::client_config(settings)?);
+        #[cfg(not(feature = "tls"))]
+        let _ = settings;
+        Ok(AgentConfig(
+            builder
+                .http_status_as_error(false)
+                .max_redirects(0)
+                .max_redirects_will_error(false)
+                .user_agent(AutoHeaderValue::None)
+                .accept(AutoHeaderValue::None)
+                .accept_encoding(AutoHeaderValue::None)
+                .allow_non_standard_methods(true)
+                .no_delay(true)
+                .input_buffer_size(INPUT_BUFFER)
+                .max_response_header_size(MAX_RESPONSE_HEAD)
+                .output_buffer_size(OUTPUT_BUFFER)
+                .max_idle_connections(MAX_IDLE_PER_BACKEND)
+                .max_idle_connections_per_host(MAX_IDLE_PER_BACKEND)
+                .build(),
+        ))
+    }
+
+    /// A new agent, with a connection pool of its own, for one backend.
+    pub fn new_agent(&self) -> BackendAgent {
+        BackendAgent(ureq::Agent::new_with_config(self.0.clone()))
+    }
+}
+
+/// The HTTP client of one backend.
+#[derive(Clone)]
+pub struct BackendAgent(ureq::Agent);
+
+impl BackendAgent {
+    /// `ureq::Agent::configure_request`, with an output buffer large enough for the
+    /// longest line of this request's head when the pooled connections' is not: ureq
+    /// fails a head line it cannot fit ("output too small"), which would answer a valid
+    /// request 502 and count it against a healthy backend. Such a request takes a
+    /// connection of its own, outside the pool, since ureq pools only connections whose
+    /// buffers match the agent's.
+    pub fn configure_request<S: AsSendBody>(
+        &self,
+        request: http::Request<S>,
+    ) -> ConfigBuilder<HttpCrateScope<S>> {
+        let longest = longest_head_line(&request);
+        let builder = self.0.configure_request(request);
+        if longest > OUTPUT_BUFFER {
+            builder.output_buffer_size(longest)
+        } else {
+            builder
+        }
+    }
+
+    pub fn run<S: AsSendBody>(
+        &self,
+        request: http::Request<S>,
+    ) -> Result<http::Response<ureq::Body>, ureq::Error> {
+        self.0.run(request)
+    }
+}
+
+/// At least the length of the longest line ureq writes for `request`'s head: the
+/// request line, a header line with its CRLF (and the blank line, after the last), or
+/// the `Host` line ureq adds from the URI.
+fn longest_head_line<S>(request: &http::Request<S>) -> usize {
+    const CRLF: usize = 2;
+    let uri = request.uri();
+    // "METHOD /path?query HTTP/1.1": a '/' may be added before a bare query.
+    let target = uri.path_and_query().map_or(1, |pq| pq.as_str().len() + 1);
+    let request_line = request.method().as_str().len() + 1 + target + " HTTP/1.1".len() + CRLF;
+    let host_line = "Host: ".len() + uri.authority().map_or(0, |a| a.as_str().len()) + 2 * CRLF;
+    let header_line = request
+        .headers()
+        .iter()
+        .map(|(name, value)| name.as_str().len() + ": ".len() + value.len() + 2 * CRLF)
+        .max()
+        .unwrap_or(0);
+    request_line.max(host_line).max(header_line)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_longest_head_line_is_bounded_from_above() {
+        let request = |target: &str, value: &str| {
+            http::Request::post(format!("http://gpu-1:8000{target}"))
+                .header("X-Note", value)
+                .body(())
+                .expect("request")
+        };
+        let line = |target: &str, value: &str| longest_head_line(&request(target, value));
+        // "X-Note: " + value + CRLF + the blank line's CRLF.
+        assert_eq!(line("/v1/models", &"v".repeat(60_000)), 8 + 60_000 + 4);
+        // "POST " + "/" + target + " HTTP/1.1" + CRLF, one byte to spare.
+        let target = format!("/v1/models?q={}", "a".repeat(20_000));
+        assert_eq!(line(&target, "x"), 5 + 1 + target.len() + 9 + 2);
+        assert!(line("/v1/chat/completions", "x") < OUTPUT_BUFFER);
+    }
+}
