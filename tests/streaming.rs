@@ -69,13 +69,13 @@ fn events_arrive_one_by_one_not_at_the_end() {
         first < Duration::from_millis(600),
         "first event only after {first:?}: buffered"
     );
-    // Each event follows the backend's pace: no two token events arrive in one clump.
-    for pair in routed[..10].windows(2) {
-        assert!(
-            pair[1] - pair[0] >= Duration::from_millis(50),
-            "events clumped: {routed:?}"
-        );
-    }
+    // Each event follows the backend's pace (100 ms). A busy machine may delay one
+    // event onto the next now and then; buffering would clump them all.
+    let clumped = routed[..10]
+        .windows(2)
+        .filter(|pair| pair[1] - pair[0] < Duration::from_millis(50))
+        .count();
+    assert!(clumped <= 2, "events clumped: {routed:?}");
     eprintln!(
         "time to first event: direct {:?}, through the router {:?}",
         direct[0], routed[0]
