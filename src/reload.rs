@@ -129,9 +129,7 @@ impl Reloader {
         }
         let workers = server::worker_count(&new);
         self.shared.replace_config(new);
-        if let Err(e) = self.pool.grow_to(workers) {
-            log::error!("config reload: {e}");
-        }
+        self.pool.grow_to(workers);
         if changes.is_empty() && settings.is_empty() {
             log::info!(
                 "config reloaded from {}: nothing changed",

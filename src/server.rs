@@ -13,6 +13,7 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
 use std::panic::{self, AssertUnwindSafe};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -51,28 +52,61 @@ pub fn worker_count(config: &Config) -> usize {
     (slots + config.settings.max_queue_size + RESERVE_WORKERS).min(MAX_AUTO_WORKERS)
 }
 
-/// The worker pool. It only grows: a reload that raises the capacity or the queue
-/// adds workers; threads are never taken away from requests that may be running.
+/// The worker pool. Its size is fixed by the config (`worker_count`); threads are
+/// started when requests first need them, so an idle router with a large pool costs
+/// no more memory than a small one, and never stopped. A reload that raises the
+/// capacity or the queue raises the size; it never lowers it, as threads are never
+/// taken away from requests that may be running.
 pub struct Pool {
     requests: Receiver<Incoming>,
+    sender: Sender<Incoming>,
     shared: Arc<Shared>,
-    size: Mutex<usize>,
+    /// How many workers may run.
+    size: AtomicUsize,
+    /// How many have been started.
+    started: Mutex<usize>,
+    /// Workers waiting for a request (or about to).
+    idle: AtomicUsize,
+    trouble: Mutex<Trouble>,
 }
 
 impl Pool {
-    /// Starts workers until the pool has `n`.
-    pub fn grow_to(self: &Arc<Self>, n: usize) -> Result<(), String> {
-        let mut size = self.size.lock();
-        while *size < n {
-            let i = *size;
-            let pool = Arc::clone(self);
-            thread::Builder::new()
-                .name(format!("worker-{i}"))
-                .stack_size(WORKER_STACK)
-                .spawn(move || worker(&pool))
-                .map_err(|e| format!("cannot start worker thread {i} of {n}: {e}"))?;
-            *size += 1;
+    /// Lets the pool grow to `n` workers.
+    pub fn grow_to(&self, n: usize) {
+        self.size.fetch_max(n, Ordering::SeqCst);
+    }
+
+    /// Hands a request to the workers, starting one if none will be free for it.
+    /// False if the workers are gone.
+    fn submit(self: &Arc<Self>, incoming: Incoming) -> bool {
+        if self.sender.send(incoming).is_err() {
+            return false;
         }
+        // A worker counts itself idle before it waits; fewer of them than requests
+        // waiting means this one would wait for a busy worker to finish.
+        if self.idle.load(Ordering::SeqCst) < self.requests.len() {
+            if let Err(e) = self.start_worker() {
+                self.trouble.lock().report(&e);
+            }
+        }
+        true
+    }
+
+    /// Starts one more worker if the size allows.
+    fn start_worker(self: &Arc<Self>) -> Result<(), String> {
+        let mut started = self.started.lock();
+        let size = self.size.load(Ordering::SeqCst);
+        if *started >= size {
+            return Ok(());
+        }
+        let i = *started;
+        let pool = Arc::clone(self);
+        thread::Builder::new()
+            .name(format!("worker-{i}"))
+            .stack_size(WORKER_STACK)
+            .spawn(move || worker(&pool))
+            .map_err(|e| format!("cannot start worker thread {i} of {size}: {e}"))?;
+        *started += 1;
         Ok(())
     }
 }
@@ -93,7 +127,7 @@ fn accept_loop(
     listener: &tiny_http::Listener,
     tls: &tiny_http::SslContextWrap,
     shared: &Arc<Shared>,
-    requests: &Sender<Incoming>,
+    pool: &Arc<Pool>,
 ) {
     let mut trouble = Trouble::default();
     loop {
@@ -138,11 +172,11 @@ fn accept_loop(
             continue;
         };
         let secure = connection.secure();
-        let requests = requests.clone();
+        let pool = Arc::clone(pool);
         let spawned = thread::Builder::new()
             .name("conn".to_owned())
             .stack_size(CONNECTION_STACK)
-            .spawn(move || read_requests(connection, secure, &conn, &requests));
+            .spawn(move || read_requests(connection, secure, &conn, &pool));
         if let Err(e) = spawned {
             trouble.report(&format!(
                 "cannot start a connection thread ({e}): new connections are closed at once"
@@ -207,7 +241,7 @@ fn read_requests<E: std::fmt::Display>(
     mut connection: impl Iterator<Item = Result<tiny_http::Request, E>>,
     secure: bool,
     conn: &Arc<Conn>,
-    requests: &Sender<Incoming>,
+    pool: &Arc<Pool>,
 ) {
     let (done, finished) = crossbeam_channel::bounded(1);
     // Whether a request of this connection is with the workers.
@@ -232,7 +266,7 @@ fn read_requests<E: std::fmt::Display>(
             return;
         }
         let ticket = conn.ticket(request.remote_addr().copied(), done.clone());
-        if requests.send(Incoming { request, ticket }).is_err() {
+        if !pool.submit(Incoming { request, ticket }) {
             return;
         }
         running = true;
@@ -267,16 +301,24 @@ pub fn start(
     let (sender, requests) = crossbeam_channel::unbounded();
     let pool = Arc::new(Pool {
         requests,
+        sender,
         shared: Arc::clone(&shared),
-        size: Mutex::new(0),
+        size: AtomicUsize::new(workers),
+        started: Mutex::new(0),
+        idle: AtomicUsize::new(0),
+        trouble: Mutex::new(Trouble::default()),
     });
-    pool.grow_to(workers)?;
+    // The first few in advance, so the first requests and probes wait for no thread
+    // to start, and a process that cannot start threads fails here, loudly.
+    for _ in 0..workers.min(RESERVE_WORKERS) {
+        pool.start_worker()?;
+    }
     let front = Arc::new((tiny_http::Listener::from(listener), tls));
     for _ in 0..accept_threads {
-        let (front, shared, sender) = (Arc::clone(&front), Arc::clone(&shared), sender.clone());
+        let (front, shared, pool) = (Arc::clone(&front), Arc::clone(&shared), Arc::clone(&pool));
         thread::Builder::new()
             .name(ACCEPT_THREAD.to_owned())
-            .spawn(move || accept_loop(&front.0, &front.1, &shared, &sender))
+            .spawn(move || accept_loop(&front.0, &front.1, &shared, &pool))
             .map_err(|e| format!("cannot start an accept thread: {e}"))?;
     }
     clients::spawn_janitor(shared, addr.port())
@@ -326,8 +368,14 @@ fn set_nodelay(listener: &TcpListener) -> io::Result<()> {
 }
 
 fn worker(pool: &Arc<Pool>) {
-    // The sender lives as long as the accept thread, which is the process.
-    while let Ok(Incoming { request, ticket }) = pool.requests.recv() {
+    loop {
+        pool.idle.fetch_add(1, Ordering::SeqCst);
+        let next = pool.requests.recv();
+        pool.idle.fetch_sub(1, Ordering::SeqCst);
+        // The pool holds a sender, so this never ends.
+        let Ok(Incoming { request, ticket }) = next else {
+            return;
+        };
         serve(request, &ticket, &pool.shared);
     }
 }

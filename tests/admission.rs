@@ -231,3 +231,40 @@ fn keep_alive_replies_are_not_held_by_nagle() {
         "mean reply time {mean:?} on a keep-alive connection"
     );
 }
+
+/// The worker pool's threads start as requests need them, up to its size: an idle
+/// router with room for many requests holds few threads, and a burst still runs all
+/// at once.
+#[test]
+fn workers_start_as_requests_need_them() {
+    let mock = Mock::start(&[]);
+    let router = Arc::new(Router::start(&servers_toml(
+        &[(&mock.url, 64)],
+        "worker_threads = 200",
+    )));
+    let threads = || {
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", router.pid())).expect("proc status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("Threads:"))
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .expect("thread count")
+    };
+    let idle = threads();
+    assert!(
+        idle < 60,
+        "{idle} threads in an idle router with a pool of 200"
+    );
+    let handles: Vec<_> = (0..40).map(|_| in_background(&router, 1500)).collect();
+    wait_until(Duration::from_secs(10), "all 40 run at once", || {
+        mock.stat("in_flight") == 40
+    });
+    for h in handles {
+        assert_eq!(h.join().expect("client thread"), 200);
+    }
+    assert!(
+        threads() < 200 + idle,
+        "never more workers than the pool's size"
+    );
+}
