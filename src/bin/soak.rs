@@ -13,10 +13,22 @@
 //!   and doubled lengths, Content-Length with Transfer-Encoding, `gzip, chunked`, too
 //!   many and too large headers, a 20 KiB target, TRACE and BREW, bodies that are not
 //!   JSON objects, `{"model":5}`, bad header bytes, a missing or wrong key, clients that
-//!   leave mid-stream or before the reply, and clients that send half a head and close.
+//!   leave mid-stream or before the reply, and clients that send half a head and close;
+//! - slow clients, on threads of their own (each takes seconds), against client
+//!   timeouts of 2 s (`client_idle_timeout`, `client_body_timeout`,
+//!   `client_write_timeout`): a head sent a byte every 200 ms, a connection that sends
+//!   nothing, a 5000-byte body that stalls after 1000 bytes, a client that stops
+//!   reading a 100000-token stream, each of which the router must close no sooner than
+//!   the timeout and at most 5 s after it; and a body cut short by the client's FIN,
+//!   which must get 400. Two of the JSON clients pause on their keep-alive connections:
+//!   one until the router closes it for idling (it then opens a new one), one for half
+//!   the idle timeout (the connection must stay open).
 //!
-//! Then it checks that every normal request succeeded byte-exact, every hostile one got
-//! its expected answer, the router's in-flight counts are back to 0, its thread count
+//! Then it checks that every normal request succeeded byte-exact, every hostile and
+//! slow one got its expected answer, the router's closed-connection counts
+//! (`/metrics`) cover the slow clients it closed and show no shedding, the access log
+//! shows no slow head or body forwarded and no stalled stream complete, the router's
+//! in-flight counts are back to 0, its thread count
 //! (from `/proc/PID/status`) is within +32 of its start, its RSS within +20 MiB of its
 //! figure after the warm-up (the first quarter of the run, at most 15 s: the first
 //! seconds of load touch worker and connection-thread stacks and the allocator's
@@ -29,10 +41,10 @@
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{Shutdown, SocketAddr, TcpStream};
 use std::path::Path;
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -64,6 +76,27 @@ const MAX_RSS_GROWTH_KIB: i64 = 20 * 1024;
 const WARMUP_SECONDS: f64 = 15.0;
 /// Seconds between two progress lines.
 const PROGRESS_EVERY: u64 = 10;
+/// The router's `client_idle_timeout`, `client_body_timeout` and
+/// `client_write_timeout` under soak, in seconds: short, so that the slow clients are
+/// closed within seconds. No normal client idles or stalls this long by accident.
+const CLIENT_TIMEOUT_SECS: u64 = 2;
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(CLIENT_TIMEOUT_SECS);
+/// How much later than its timeout the router may close a slow client (the janitor
+/// looks every quarter timeout; the rest is room for a loaded machine).
+const CLOSE_SLACK: Duration = Duration::from_secs(5);
+/// How much earlier than its timeout a close may be seen: the client's clock starts
+/// a little before the router's, so only rounding is allowed for.
+const EARLY_SLACK: Duration = Duration::from_millis(100);
+/// A keep-alive connection the router closes is taken for an idle close (and opened
+/// again) only if the client has been idle at least this long on it.
+const IDLE_CLOSE_AFTER: Duration = Duration::from_millis(CLIENT_TIMEOUT_SECS * 1000 - 250);
+/// Slow-client threads, each going through every slow kind from its own place.
+const SLOW_CLIENTS: usize = 5;
+/// The gap between two bytes of the slowloris head.
+const SLOWLORIS_GAP: Duration = Duration::from_millis(200);
+/// Tokens of the stream whose client stops reading: some 20 MB sent at once
+/// (`x-mock-delay-ms: 0`), more than every socket buffer on the way holds.
+const STALLED_TOKENS: u32 = 100_000;
 const CHAT: &str = "/v1/chat/completions";
 const COMPLETIONS: &str = "/v1/completions";
 
@@ -103,7 +136,9 @@ fn run() -> Result<bool, String> {
     let config = format!(
         "[servers]\nservers = [\n  {{ url = \"http://{}\", max_concurrent_requests = {SLOTS} }},\n  \
          {{ url = \"http://{}\", max_concurrent_requests = {SLOTS} }},\n]\n\n[config]\n\
-         api_keys = [\"{KEY}\"]\nmax_body_bytes = {MAX_BODY}\nhealth_check_interval = 1\n",
+         api_keys = [\"{KEY}\"]\nmax_body_bytes = {MAX_BODY}\nhealth_check_interval = 1\n\
+         client_idle_timeout = {CLIENT_TIMEOUT_SECS}\nclient_body_timeout = {CLIENT_TIMEOUT_SECS}\n\
+         client_write_timeout = {CLIENT_TIMEOUT_SECS}\n",
         mock_a.addr, mock_b.addr
     );
     let config_path = dir.join("servers.toml");
@@ -151,6 +186,12 @@ fn run() -> Result<bool, String> {
         let stats = Arc::clone(&stats);
         clients.push(thread::spawn(move || {
             hostile_client(addr, t, deadline, &stats)
+        }));
+    }
+    for t in 0..SLOW_CLIENTS {
+        let stats = Arc::clone(&stats);
+        clients.push(thread::spawn(move || {
+            slow_client(addr, t, deadline, &stats)
         }));
     }
     let sampling = Arc::new(AtomicBool::new(true));
@@ -223,6 +264,18 @@ fn run() -> Result<bool, String> {
     }
 
     let table = stats.table();
+    // The router's own count of the connections it closed, against the slow clients
+    // it closed as each expected.
+    let closed = client_connections(addr);
+    match &closed {
+        Ok(c) => failures.extend(check_closed(c, &table)),
+        Err(e) => failures.push(format!("cannot read the closed-connection counts: {e}")),
+    }
+    // The access log: which slow requests reached a backend, and how they ended.
+    let structured = std::fs::read_to_string(dir.join("logs").join("vllm-router-structured.log"))
+        .unwrap_or_default();
+    let access = slow_access(&structured, &table);
+    failures.extend(access.failures.iter().cloned());
     let kind_errors: u64 = table.values().map(|k| k.errors).sum();
     let normal: u64 = table
         .iter()
@@ -255,6 +308,8 @@ fn run() -> Result<bool, String> {
         end,
         samples,
         restarts,
+        closed: closed.ok(),
+        access: &access.summary,
     };
     let passed = failures.is_empty();
     print!("{}", report.render(&failures));
@@ -319,28 +374,38 @@ struct Report<'a> {
     end: ProcStatus,
     samples: Samples,
     restarts: usize,
+    /// `vllm_router_client_connections_closed_total` by reason, and the open gauge.
+    closed: Option<Closed>,
+    access: &'a str,
 }
 
 impl Report<'_> {
     fn render(&self, failures: &[String]) -> String {
         let mib = |kib: u64| kib as f64 / 1024.0;
-        let rule = "-".repeat(70);
+        let label = |name: &str, k: &Kind| format!("{name} ({})", k.expect);
+        let width = self
+            .table
+            .iter()
+            .map(|(name, k)| label(name, k).len())
+            .max()
+            .unwrap_or(0)
+            .max(42);
+        let rule = "-".repeat(width + 28);
         let mut out = String::new();
         let row = |out: &mut String, name: &str, sent: u64, errors: u64| {
-            let _ = writeln!(out, "{name:<42} {sent:>8} {:>9} {errors:>8}", sent - errors);
+            let _ = writeln!(
+                out,
+                "{name:<width$} {sent:>8} {:>9} {errors:>8}",
+                sent - errors
+            );
         };
         let _ = writeln!(
             out,
-            "\n{:<42} {:>8} {:>9} {:>8}\n{rule}",
+            "\n{:<width$} {:>8} {:>9} {:>8}\n{rule}",
             "kind (expected answer)", "sent", "answered", "errors"
         );
         for (name, k) in self.table {
-            row(
-                &mut out,
-                &format!("{name} ({})", k.expect),
-                k.sent,
-                k.errors,
-            );
+            row(&mut out, &label(name, k), k.sent, k.errors);
         }
         let total: u64 = self.table.values().map(|k| k.sent).sum();
         let errors: u64 = self.table.values().map(|k| k.errors).sum();
@@ -355,14 +420,38 @@ impl Report<'_> {
             let mut l = k.latencies.clone();
             l.sort();
             let at = |q: f64| l[((l.len() - 1) as f64 * q) as usize].as_secs_f64() * 1000.0;
+            let timing = if k.timing.is_empty() {
+                "latency"
+            } else {
+                k.timing
+            };
             let _ = writeln!(
                 out,
-                "{name} latency: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
+                "{name} {timing}: p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms",
                 at(0.5),
                 at(0.99),
                 at(1.0)
             );
         }
+        match &self.closed {
+            Some(c) => {
+                let by_reason: Vec<String> = c
+                    .by_reason
+                    .iter()
+                    .map(|(r, n)| format!("{r} {n}"))
+                    .collect();
+                let _ = writeln!(
+                    out,
+                    "client connections closed by the router: {}; open at the end: {}",
+                    by_reason.join(", "),
+                    c.open.map_or("?".into(), |n| n.to_string())
+                );
+            }
+            None => {
+                let _ = writeln!(out, "client connections closed by the router: unknown");
+            }
+        }
+        let _ = writeln!(out, "slow requests in the access log: {}", self.access);
         let _ = writeln!(
             out,
             "router in flight at the end: {:?}, queue {:?}; mocks in flight: {:?}",
@@ -577,14 +666,24 @@ struct Kind {
     errors: u64,
     /// The first few errors, for the report.
     samples: Vec<String>,
-    /// How long each request took, for the normal kinds.
+    /// How long each request took, for the normal kinds; until the close or the
+    /// answer, for the slow ones.
     latencies: Vec<Duration>,
+    /// What `latencies` measure, in the report; "latency" when empty.
+    timing: &'static str,
 }
 
 impl Stats {
     fn declare(&self, name: &str, expect: &str) {
         let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
         kinds.entry(name.to_owned()).or_default().expect = expect.to_owned();
+    }
+
+    /// Declares a kind whose times are not request latencies.
+    fn declare_timed(&self, name: &str, expect: &str, timing: &'static str) {
+        self.declare(name, expect);
+        let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        kinds.entry(name.to_owned()).or_default().timing = timing;
     }
 
     fn record(&self, name: &str, error: Option<String>, took: Option<Duration>) {
@@ -657,16 +756,23 @@ impl Conn {
     }
 
     fn send(&mut self, bytes: &[u8]) -> Result<(), String> {
-        self.stream
-            .write_all(bytes)
-            .map_err(|e| format!("send: {e}"))
+        self.stream.write_all(bytes).map_err(|e| {
+            if is_reset(&e) {
+                format!("{UNANSWERED} (send: {e})")
+            } else {
+                format!("send: {e}")
+            }
+        })
     }
 
     fn read_head(&mut self) -> Result<(u16, Vec<(String, String)>), String> {
         let mut line = String::new();
-        self.reader
-            .read_line(&mut line)
-            .map_err(|e| format!("reading the status line: {e}"))?;
+        match self.reader.read_line(&mut line) {
+            Ok(0) => return Err(format!("{UNANSWERED} (end of stream)")),
+            Err(e) if line.is_empty() && is_reset(&e) => return Err(format!("{UNANSWERED} ({e})")),
+            Err(e) => return Err(format!("reading the status line: {e}")),
+            Ok(_) => {}
+        }
         let status = line
             .split(' ')
             .nth(1)
@@ -742,6 +848,22 @@ impl Conn {
     }
 }
 
+/// The start of every error that means the connection was closed before a single
+/// byte of a reply came: the only failure that may be the router closing an idle
+/// keep-alive connection.
+const UNANSWERED: &str = "closed with no reply";
+
+/// An error that says the peer closed or reset the connection.
+fn is_reset(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+    )
+}
+
 /// A request with `Host`, then `extra` header lines (each ending in CRLF), then `body`.
 fn raw(method: &str, target: &str, extra: &str, body: &[u8]) -> Vec<u8> {
     let mut bytes =
@@ -766,10 +888,14 @@ fn json_post(target: &str, body: &str, key: Option<&str>, close: bool) -> Vec<u8
     raw("POST", target, &extra, body.as_bytes())
 }
 
-fn get_json(addr: SocketAddr, path: &str) -> Result<Value, String> {
+fn get(addr: SocketAddr, path: &str) -> Result<Reply, String> {
     let mut conn = Conn::open(addr).map_err(|e| format!("connect: {e}"))?;
     conn.send(&raw("GET", path, "Connection: close\r\n", b""))?;
-    let reply = conn.read_reply()?;
+    conn.read_reply()
+}
+
+fn get_json(addr: SocketAddr, path: &str) -> Result<Value, String> {
+    let reply = get(addr, path)?;
     serde_json::from_slice(&reply.body).map_err(|e| format!("{path}: not JSON ({e})"))
 }
 
@@ -1000,7 +1126,19 @@ fn stream_client(
     }
 }
 
-/// Whole JSON replies, several on one keep-alive connection.
+/// The kinds the keep-alive pauses of the JSON clients are counted under.
+const IDLE_CLOSE_KIND: &str = "keep-alive idle past client_idle_timeout";
+const SHORT_PAUSE_KIND: &str = "keep-alive pause of half the idle timeout";
+/// The pause of JSON client 1, which the router must sit out.
+const SHORT_PAUSE: Duration = Duration::from_millis(CLIENT_TIMEOUT_SECS * 500);
+
+/// Whole JSON replies, several on one keep-alive connection. Halfway through each
+/// connection, client 0 idles until the router closes the connection for
+/// `client_idle_timeout` (and opens a new one), and client 1 pauses for half that
+/// (its connection must stay open). A reused connection closed with no reply at all
+/// after the client idled about `client_idle_timeout` on it is the router's idle
+/// close, whichever client it happens to: the request goes again on a new
+/// connection, and it is no error. Any other failure is.
 fn json_client(
     addr: SocketAddr,
     t: usize,
@@ -1009,28 +1147,71 @@ fn json_client(
     stats: &Stats,
 ) {
     stats.declare("normal json", "200, byte-exact");
+    stats.declare_timed(
+        IDLE_CLOSE_KIND,
+        "closed by the router, reopened",
+        "closed after",
+    );
+    if t == 1 {
+        stats.declare(SHORT_PAUSE_KIND, "kept open");
+    }
     let all: Vec<Normal> = Normal::all().into_iter().filter(|n| !n.stream).collect();
-    let mut conn: Option<Conn> = None;
-    let mut on_conn = 0;
+    // The connection, the requests sent on it, and when its last reply ended.
+    let mut conn: Option<(Conn, usize, Instant)> = None;
+    // A request to send again on a new connection after an idle close.
+    let mut again: Option<Normal> = None;
     let mut i = t;
     while Instant::now() < deadline {
-        let n = all[i % all.len()];
-        i += JSON_CLIENTS + 1;
+        let n = match again.take() {
+            Some(n) => n,
+            None => {
+                let n = all[i % all.len()];
+                i += JSON_CLIENTS + 1;
+                n
+            }
+        };
         if conn.is_none() {
             match Conn::open(addr) {
-                Ok(c) => (conn, on_conn) = (Some(c), 0),
+                Ok(c) => conn = Some((c, 0, Instant::now())),
                 Err(e) => {
                     stats.record("normal json", Some(format!("connect: {e}")), None);
                     continue;
                 }
             }
         }
-        on_conn += 1;
-        let close = on_conn >= KEEP_ALIVE_REQUESTS;
-        let c = conn.as_mut().expect("a connection");
+        let (c, on_conn, idle_since) = conn.as_mut().expect("a connection");
+        let mut short_pause = false;
+        if *on_conn == KEEP_ALIVE_REQUESTS / 2 {
+            if t == 0 {
+                let closed = closed_in_time(&c.stream, *idle_since);
+                stats.record(IDLE_CLOSE_KIND, closed.as_ref().err().cloned(), closed.ok());
+                (conn, again) = (None, Some(n));
+                continue;
+            }
+            if t == 1 {
+                thread::sleep(SHORT_PAUSE);
+                short_pause = true;
+            }
+        }
+        *on_conn += 1;
+        let close = *on_conn >= KEEP_ALIVE_REQUESTS;
+        let reused = *on_conn > 1;
+        let idle = idle_since.elapsed();
         let started = Instant::now();
         let got = n.run(c, Some(KEY), close);
         let took = started.elapsed();
+        *idle_since = Instant::now();
+        let unanswered = got.as_ref().is_err_and(|e| e.starts_with(UNANSWERED));
+        if short_pause {
+            let error = unanswered
+                .then(|| format!("closed after a pause of {:.1} s", SHORT_PAUSE.as_secs_f64()));
+            stats.record(SHORT_PAUSE_KIND, error, None);
+        }
+        if unanswered && reused && idle >= IDLE_CLOSE_AFTER {
+            stats.record(IDLE_CLOSE_KIND, None, Some(idle));
+            (conn, again) = (None, Some(n));
+            continue;
+        }
         let failed = got.is_err();
         stats.record("normal json", compare(n, got, refs), Some(took));
         if close || failed {
@@ -1397,5 +1578,463 @@ fn hostile_client(addr: SocketAddr, t: usize, deadline: Instant, stats: &Stats) 
         let h = &all[i % all.len()];
         i += 1;
         stats.record(h.name, run_hostile(addr, h).err(), None);
+    }
+}
+
+// ---------------------------------------------------------------- slow clients
+
+/// A slow client: it breaks one client timeout (or cuts its body short) and checks
+/// how, and when, the router ends its connection.
+struct Slow {
+    name: &'static str,
+    expect: &'static str,
+    /// What the time it returns measures.
+    timing: &'static str,
+    /// Runs it once; `n` makes its request id unique.
+    run: fn(SocketAddr, u64) -> Result<Duration, String>,
+}
+
+const SLOWLORIS: &str = "slowloris head, a byte every 200 ms";
+const IDLE_CONNECTION: &str = "connection that sends nothing";
+const SLOW_BODY: &str = "body stalls at 1000 of 5000 bytes";
+const STALLED_READER: &str = "stops reading a 100000-token stream";
+const CUT_BODY: &str = "body cut short: 100 of 5000 bytes, FIN";
+/// The request ids of the slow requests that have one, for the access-log checks.
+const SLOWLORIS_ID: &str = "soak-slowloris-";
+const SLOW_BODY_ID: &str = "soak-slow-body-";
+const STALLED_ID: &str = "soak-stalled-";
+const CUT_BODY_ID: &str = "soak-cut-body-";
+/// The declared length of the slow and cut bodies.
+const SLOW_BODY_LEN: usize = 5000;
+
+fn slows() -> Vec<Slow> {
+    vec![
+        Slow {
+            name: SLOWLORIS,
+            expect: "closed (idle), never forwarded",
+            timing: "closed after",
+            run: slowloris,
+        },
+        Slow {
+            name: IDLE_CONNECTION,
+            expect: "closed (idle)",
+            timing: "closed after",
+            run: idle_connection,
+        },
+        Slow {
+            name: SLOW_BODY,
+            expect: "closed (slow_body), never forwarded",
+            timing: "closed after",
+            run: slow_body,
+        },
+        Slow {
+            name: STALLED_READER,
+            expect: "closed (stalled_write), cut",
+            timing: "closed after",
+            run: stalled_reader,
+        },
+        Slow {
+            name: CUT_BODY,
+            expect: "400, never forwarded",
+            timing: "answered after",
+            run: cut_body,
+        },
+    ]
+}
+
+/// Goes through every slow client, each thread from its own place in the list: they
+/// take seconds each, so they run beside the hostile clients, not among them.
+fn slow_client(addr: SocketAddr, t: usize, deadline: Instant, stats: &Stats) {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let all = slows();
+    for s in &all {
+        stats.declare_timed(s.name, s.expect, s.timing);
+    }
+    let mut i = t;
+    while Instant::now() < deadline {
+        let s = &all[i % all.len()];
+        i += 1;
+        let n = SEQ.fetch_add(1, Ordering::Relaxed);
+        match (s.run)(addr, n) {
+            Ok(took) => stats.record(s.name, None, Some(took)),
+            Err(e) => stats.record(s.name, Some(e), None),
+        }
+    }
+}
+
+/// A head sent a byte every `SLOWLORIS_GAP`: far too long to finish before the
+/// router's idle timeout closes the connection.
+fn slowloris(addr: SocketAddr, n: u64) -> Result<Duration, String> {
+    let mut conn = Conn::open(addr).map_err(|e| format!("connect: {e}"))?;
+    let extra = format!(
+        "X-Request-Id: {SLOWLORIS_ID}{n}\r\n{}Connection: close\r\nContent-Type: \
+         application/json\r\nContent-Length: {}\r\n",
+        auth(),
+        SMALL_CHAT.len()
+    );
+    let request = raw("POST", CHAT, &extra, SMALL_CHAT.as_bytes());
+    let since = Instant::now();
+    for (sent, byte) in request.iter().enumerate() {
+        match conn.stream.write_all(&[*byte]) {
+            Ok(()) => {}
+            Err(e) if is_reset(&e) => return in_time(since.elapsed()),
+            Err(e) => return Err(format!("send: {e}")),
+        }
+        if poll_closed(&conn.stream, SLOWLORIS_GAP)? {
+            return in_time(since.elapsed());
+        }
+        if since.elapsed() > CLIENT_TIMEOUT + CLOSE_SLACK {
+            return Err(format!(
+                "still open after {:.1} s, {sent} bytes of the head sent",
+                since.elapsed().as_secs_f64()
+            ));
+        }
+    }
+    Err("the whole request went out a byte at a time and the connection stayed open".into())
+}
+
+/// A connection that sends nothing at all.
+fn idle_connection(addr: SocketAddr, _: u64) -> Result<Duration, String> {
+    let conn = Conn::open(addr).map_err(|e| format!("connect: {e}"))?;
+    closed_in_time(&conn.stream, Instant::now())
+}
+
+/// A body over 1 KiB (so not read with the head) of `SLOW_BODY_LEN` bytes, with a
+/// head and the first 1000 bytes sent, then nothing.
+fn slow_body(addr: SocketAddr, n: u64) -> Result<Duration, String> {
+    let mut conn = Conn::open(addr).map_err(|e| format!("connect: {e}"))?;
+    let mut body = SMALL_CHAT.as_bytes().to_vec();
+    body.resize(SLOW_BODY_LEN, b' ');
+    let extra = format!(
+        "X-Request-Id: {SLOW_BODY_ID}{n}\r\n{}Connection: close\r\nContent-Type: \
+         application/json\r\nContent-Length: {SLOW_BODY_LEN}\r\n",
+        auth()
+    );
+    conn.send(&raw("POST", CHAT, &extra, &body[..1000]))?;
+    closed_in_time(&conn.stream, Instant::now())
+}
+
+/// A stream of `STALLED_TOKENS` tokens sent as fast as the mock can: the client reads
+/// the head and then nothing, so the router's writes block once the socket buffers
+/// are full.
+fn stalled_reader(addr: SocketAddr, n: u64) -> Result<Duration, String> {
+    let mut conn = Conn::open(addr).map_err(|e| format!("connect: {e}"))?;
+    let body = format!(
+        r#"{{"model":"mock-model","messages":[{{"role":"user","content":"soak"}}],"max_tokens":{STALLED_TOKENS},"stream":true}}"#
+    );
+    let extra = format!(
+        "X-Request-Id: {STALLED_ID}{n}\r\n{}Connection: close\r\nx-mock-delay-ms: 0\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n",
+        auth(),
+        body.len()
+    );
+    conn.send(&raw("POST", CHAT, &extra, body.as_bytes()))?;
+    let (status, _) = conn.read_head()?;
+    if status != 200 {
+        return Err(format!("status {status}"));
+    }
+    let since = Instant::now();
+    let local = conn
+        .stream
+        .local_addr()
+        .map_err(|e| format!("local address: {e}"))?;
+    // The router's FIN waits behind the bytes this client leaves unread, so the close
+    // is seen on the router's end of the connection, in the kernel's table.
+    while router_end_open(addr, local)? {
+        if since.elapsed() > CLIENT_TIMEOUT + CLOSE_SLACK {
+            return Err(format!(
+                "the router's end still open after {:.1} s",
+                since.elapsed().as_secs_f64()
+            ));
+        }
+        thread::sleep(Duration::from_millis(100));
+    }
+    let took = in_time(since.elapsed())?;
+    // What the router had sent is still on its way: it must be a stream cut short.
+    let mut rest = Vec::new();
+    let _ = conn.reader.read_to_end(&mut rest);
+    if rest.ends_with(b"\r\n0\r\n\r\n") {
+        return Err(format!(
+            "the stream ended normally ({} bytes after the head)",
+            rest.len()
+        ));
+    }
+    Ok(took)
+}
+
+/// A body of `SLOW_BODY_LEN` bytes declared, 100 sent, then the client's FIN.
+fn cut_body(addr: SocketAddr, n: u64) -> Result<Duration, String> {
+    let mut conn = Conn::open(addr).map_err(|e| format!("connect: {e}"))?;
+    let mut body = SMALL_CHAT.as_bytes().to_vec();
+    body.resize(SLOW_BODY_LEN, b' ');
+    let extra = format!(
+        "X-Request-Id: {CUT_BODY_ID}{n}\r\n{}Connection: close\r\nContent-Type: \
+         application/json\r\nContent-Length: {SLOW_BODY_LEN}\r\n",
+        auth()
+    );
+    conn.send(&raw("POST", CHAT, &extra, &body[..100]))?;
+    conn.stream
+        .shutdown(Shutdown::Write)
+        .map_err(|e| format!("shutdown: {e}"))?;
+    let since = Instant::now();
+    let reply = conn.read_reply()?;
+    let took = since.elapsed();
+    if reply.status != 400 {
+        return Err(format!("status {}: {}", reply.status, reply.text()));
+    }
+    let doc: Value = serde_json::from_slice(&reply.body)
+        .map_err(|e| format!("not JSON ({e}): {}", reply.text()))?;
+    if doc["error"]["code"] != "bad_request" {
+        return Err(format!("error body {doc}, code bad_request wanted"));
+    }
+    if took > CLIENT_TIMEOUT + CLOSE_SLACK {
+        return Err(format!("answered after {:.1} s", took.as_secs_f64()));
+    }
+    Ok(took)
+}
+
+/// Whether the router has closed `stream` (the end of the stream, or a reset),
+/// waiting up to `wait`. Anything the router sends instead is an error.
+fn poll_closed(stream: &TcpStream, wait: Duration) -> Result<bool, String> {
+    stream
+        .set_read_timeout(Some(wait))
+        .map_err(|e| format!("set_read_timeout: {e}"))?;
+    let mut buf = [0; 256];
+    match stream.peek(&mut buf) {
+        Ok(0) => Ok(true),
+        Ok(n) => Err(format!(
+            "answered instead of closing: {:?}",
+            String::from_utf8_lossy(&buf[..n])
+        )),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) if is_reset(&e) => Ok(true),
+        Err(e) => Err(format!("reading: {e}")),
+    }
+}
+
+/// Waits for the router to close `stream`; returns how long after `since` it did.
+fn closed_in_time(stream: &TcpStream, since: Instant) -> Result<Duration, String> {
+    while !poll_closed(stream, Duration::from_millis(100))? {
+        if since.elapsed() > CLIENT_TIMEOUT + CLOSE_SLACK {
+            return Err(format!(
+                "still open after {:.1} s",
+                since.elapsed().as_secs_f64()
+            ));
+        }
+    }
+    in_time(since.elapsed())
+}
+
+/// A close `took` after its clock started: no sooner than the timeout, no later than
+/// `CLOSE_SLACK` after it.
+fn in_time(took: Duration) -> Result<Duration, String> {
+    if took + EARLY_SLACK < CLIENT_TIMEOUT {
+        Err(format!(
+            "closed after {:.2} s, before its timeout of {CLIENT_TIMEOUT_SECS} s",
+            took.as_secs_f64()
+        ))
+    } else if took > CLIENT_TIMEOUT + CLOSE_SLACK {
+        Err(format!(
+            "closed only after {:.1} s (timeout {CLIENT_TIMEOUT_SECS} s)",
+            took.as_secs_f64()
+        ))
+    } else {
+        Ok(took)
+    }
+}
+
+/// Whether the router's end of the connection from `client` is still established,
+/// as `/proc/net/tcp` lists it.
+fn router_end_open(router: SocketAddr, client: SocketAddr) -> Result<bool, String> {
+    let kernel = |a: SocketAddr| match a {
+        SocketAddr::V4(a) => Ok(format!(
+            "{:08X}:{:04X}",
+            u32::from_ne_bytes(a.ip().octets()),
+            a.port()
+        )),
+        SocketAddr::V6(_) => Err(format!("{a}: IPv4 only")),
+    };
+    let (local, remote) = (kernel(router)?, kernel(client)?);
+    let table = std::fs::read_to_string("/proc/net/tcp")
+        .map_err(|e| format!("cannot read /proc/net/tcp: {e}"))?;
+    Ok(table.lines().skip(1).any(|line| {
+        let fields: Vec<&str> = line.split_whitespace().take(4).collect();
+        fields.get(1) == Some(&local.as_str())
+            && fields.get(2) == Some(&remote.as_str())
+            && fields.get(3) == Some(&"01")
+    }))
+}
+
+/// `vllm_router_client_connections_closed_total` by reason, and the
+/// `vllm_router_client_connections` gauge.
+struct Closed {
+    by_reason: BTreeMap<String, u64>,
+    open: Option<u64>,
+}
+
+fn client_connections(addr: SocketAddr) -> Result<Closed, String> {
+    let reply = get(addr, "/metrics")?;
+    if reply.status != 200 {
+        return Err(format!("/metrics: status {}", reply.status));
+    }
+    let mut closed = Closed {
+        by_reason: BTreeMap::new(),
+        open: None,
+    };
+    for line in String::from_utf8_lossy(&reply.body).lines() {
+        let number = |v: &str| v.trim().parse::<f64>().ok().map(|v| v as u64);
+        if let Some(rest) =
+            line.strip_prefix("vllm_router_client_connections_closed_total{reason=\"")
+        {
+            if let Some((reason, n)) = rest.split_once("\"}") {
+                let n = number(n).ok_or_else(|| format!("bad sample {line:?}"))?;
+                closed.by_reason.insert(reason.to_owned(), n);
+            }
+        } else if let Some(n) = line.strip_prefix("vllm_router_client_connections ") {
+            closed.open = number(n);
+        }
+    }
+    if closed.by_reason.is_empty() {
+        return Err("no vllm_router_client_connections_closed_total in /metrics".into());
+    }
+    Ok(closed)
+}
+
+/// The router's closed-connection counts against the slow clients that saw their
+/// close: each reason counts at least those, and nothing was shed.
+fn check_closed(closed: &Closed, table: &BTreeMap<String, Kind>) -> Vec<String> {
+    let passed = |name: &str| table.get(name).map_or(0, |k| k.sent - k.errors);
+    let count = |reason: &str| closed.by_reason.get(reason).copied().unwrap_or(0);
+    let mut failures = Vec::new();
+    let seen = [
+        (
+            "idle",
+            passed(SLOWLORIS) + passed(IDLE_CONNECTION) + passed(IDLE_CLOSE_KIND),
+        ),
+        ("slow_body", passed(SLOW_BODY)),
+        ("stalled_write", passed(STALLED_READER)),
+    ];
+    for (reason, clients) in seen {
+        if count(reason) == 0 {
+            failures.push(format!("no client connection closed for {reason}"));
+        } else if count(reason) < clients {
+            failures.push(format!(
+                "{} connections closed for {reason}, but {clients} slow clients saw one",
+                count(reason)
+            ));
+        }
+    }
+    for reason in ["over_cap", "no_thread", "no_fd"] {
+        if count(reason) > 0 {
+            failures.push(format!(
+                "{} connections shed ({reason}), with nothing here near a limit",
+                count(reason)
+            ));
+        }
+    }
+    // The /metrics request itself is the one open connection left.
+    if closed.open.is_none_or(|n| n > 2) {
+        failures.push(format!(
+            "{:?} client connections open at the end",
+            closed.open
+        ));
+    }
+    failures
+}
+
+/// What the access log says of the slow requests.
+struct SlowAccess {
+    summary: String,
+    failures: Vec<String>,
+}
+
+/// Checks the access entries of the slow requests: no slowloris head became a
+/// request, slow and cut bodies never reached a backend (408 and 400), and every
+/// stalled stream ended short of complete. Each slow request that sent a whole head
+/// has one entry.
+fn slow_access(structured_log: &str, table: &BTreeMap<String, Kind>) -> SlowAccess {
+    let entries: Vec<Value> = structured_log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|e| e["target"] == "access")
+        .collect();
+    let with_id = |prefix: &str| -> Vec<&Value> {
+        entries
+            .iter()
+            .filter(|e| {
+                e["request_id"]
+                    .as_str()
+                    .is_some_and(|id| id.starts_with(prefix))
+            })
+            .collect()
+    };
+    let tally = |of: &[&Value], field: &str| -> String {
+        let mut counts: BTreeMap<String, usize> = BTreeMap::new();
+        for e in of {
+            let v = match &e[field] {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            *counts.entry(v).or_default() += 1;
+        }
+        let parts: Vec<String> = counts.iter().map(|(v, n)| format!("{v} x{n}")).collect();
+        parts.join(", ")
+    };
+    let mut failures = Vec::new();
+    let slowloris = with_id(SLOWLORIS_ID);
+    if !slowloris.is_empty() {
+        failures.push(format!(
+            "{} slowloris heads became requests in the access log",
+            slowloris.len()
+        ));
+    }
+    let mut parts = vec![format!("slowloris {} (none wanted)", slowloris.len())];
+    // (kind, id prefix, the status wanted, whether it reaches a backend)
+    let checks = [
+        (SLOW_BODY, SLOW_BODY_ID, Some(408), false),
+        (CUT_BODY, CUT_BODY_ID, Some(400), false),
+        (STALLED_READER, STALLED_ID, None, true),
+    ];
+    for (kind, prefix, status, forwarded) in checks {
+        let found = with_id(prefix);
+        let (sent, passed) = table
+            .get(kind)
+            .map_or((0, 0), |k| (k.sent, k.sent - k.errors));
+        if found.len() < passed as usize || found.len() > sent as usize {
+            failures.push(format!(
+                "{} access entries for \"{kind}\", {sent} sent and {passed} as expected",
+                found.len()
+            ));
+        }
+        for e in &found {
+            let backend = e["backend"].as_str().unwrap_or("-");
+            let wrong = if forwarded {
+                backend == "-" || e["outcome"] == "complete"
+            } else {
+                backend != "-" || status.is_some_and(|s| e["status"] != s)
+            };
+            if wrong {
+                failures.push(format!("\"{kind}\": access entry {e}"));
+            }
+        }
+        parts.push(format!(
+            "{prefix}* {} (status {}; backend {}; outcome {})",
+            found.len(),
+            tally(&found, "status"),
+            if forwarded { "a mock" } else { "none" },
+            tally(&found, "outcome")
+        ));
+    }
+    failures.truncate(10);
+    SlowAccess {
+        summary: parts.join("; "),
+        failures,
     }
 }
