@@ -252,9 +252,10 @@ impl Limits {
         }
     }
 
-    /// How often the janitor looks: a quarter of the shortest timeout, so a
-    /// connection is closed within a quarter more than its timeout, but never more
-    /// often than every 100 ms nor less than every second.
+    /// How often the janitor looks: a quarter of the shortest timeout, but never more
+    /// often than every 100 ms nor less than every second. A connection is closed
+    /// within a tick after its timeout, or two for one that has not sent a request
+    /// yet (its clock starts when the janitor first sees it).
     fn tick(&self) -> Duration {
         let shortest = self.idle.min(self.body).min(self.write);
         Duration::from_millis((shortest / 4).clamp(100, 1000))
@@ -377,7 +378,8 @@ fn client_sockets(port: u16) -> Vec<Socket> {
 }
 
 /// One line of `/proc/net/tcp{,6}`, if it is a connection to `port` with a socket
-/// still open (01: ESTABLISHED, 08: CLOSE_WAIT).
+/// still open (01: ESTABLISHED, 08: CLOSE_WAIT). Connections not accepted yet have no
+/// socket (inode 0): nothing to close, and they are not the router's yet.
 fn parse_socket(line: &str, port: u16) -> Option<Socket> {
     let fields: Vec<&str> = line.split_whitespace().collect();
     let (local, remote, state, inode) = (
@@ -389,8 +391,9 @@ fn parse_socket(line: &str, port: u16) -> Option<Socket> {
     if !matches!(*state, "01" | "08") || parse_addr(local)?.port() != port {
         return None;
     }
+    let inode = inode.parse().ok().filter(|&i| i != 0)?;
     Some(Socket {
-        inode: inode.parse().ok()?,
+        inode,
         peer: canonical(parse_addr(remote)?),
     })
 }
@@ -579,6 +582,8 @@ mod tests {
         assert!(parse_socket(line, 8081).is_none());
         let listening = line.replace(" 01 ", " 0A ");
         assert!(parse_socket(&listening, 8080).is_none());
+        let unaccepted = line.replace(" 4242 ", " 0 ");
+        assert!(parse_socket(&unaccepted, 8080).is_none());
     }
 
     #[test]
