@@ -32,9 +32,9 @@ use crate::wire::{self, BodyWriter, ClientConn, Framing};
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The size of one read from the backend, and so the largest chunk sent to the client.
-/// An SSE event is far smaller; a large JSON reply takes a few more reads. Each stream
-/// holds one, so it counts at 1000 streams.
-const READ_BUF: usize = 8 * 1024;
+/// An SSE event is far smaller; a large JSON reply takes more reads. Each stream holds
+/// one for its whole life, so the size counts at 1000 streams (4 MiB at 4 KiB).
+const READ_BUF: usize = 4 * 1024;
 
 /// The largest reply read whole for an HTTP/1.0 client, which gets a Content-Length.
 const MAX_BUFFERED: u64 = 64 * 1024 * 1024;

@@ -26,16 +26,13 @@ use crate::config::Settings;
 /// The buffer ureq reads a backend's reply into, one per connection, allocated in full
 /// at the connection's first use and kept while it waits in the pool. ureq's default
 /// is 128 KiB for this and as much for the output buffer: 256 KiB per connection, most
-/// of the router's memory at 1000 streams (364 MiB, issue #7). The relay never asks for
-/// more than 8 KiB per read (`relay::READ_BUF`), so a larger buffer would not save
-/// reads.
-///
-/// The backend's whole response head must fit: ureq does not grow this buffer, and a
-/// head it cannot finish is an error. vLLM's heads are a few hundred bytes, and 8 KiB is
-/// also where nginx's default `proxy_buffer_size` stops ("upstream sent too big
-/// header"). A backend
-/// that sends a larger one, up to an endless header (tests/garbage.rs), has this much of
-/// it read, and the client gets a 502; it counts as a failure of that backend.
+/// of the router's memory at 1000 streams (364 MiB, issue #7). The relay reads 4 KiB
+/// at a time (`relay::READ_BUF`); what sets this size is the response head, which must
+/// fit whole: ureq does not grow the buffer, and a head it cannot finish is an error.
+/// vLLM's heads are a few hundred bytes, and 8 KiB is where nginx's largest default
+/// `proxy_buffer_size` stops too ("upstream sent too big header"). A backend that sends
+/// a larger one, up to an endless header (tests/garbage.rs), has this much of it read,
+/// and the client gets a 502; it counts as a failure of that backend.
 const INPUT_BUFFER: usize = 8 * 1024;
 
 /// One byte under the input buffer, so that a head that fills the buffer is reported as
@@ -46,11 +43,11 @@ const MAX_RESPONSE_HEAD: usize = INPUT_BUFFER - 1;
 /// The buffer ureq writes the request through, one per connection, also allocated in
 /// full at first use. ureq writes the head as many whole lines per write as fit, so
 /// the buffer must hold the longest single line, not the whole head; the body goes out
-/// in pieces of this size. 8 KiB is many times any ordinary head line. A request with
+/// in pieces of this size. 4 KiB is many times any ordinary head line. A request with
 /// a longer one (the router lets through one header of up to `MAX_HEADER_BYTES` or a
 /// target of up to `MAX_TARGET_BYTES`, see `headers`) gets a buffer of its own size for
 /// that request: see `BackendAgent::configure_request`.
-const OUTPUT_BUFFER: usize = 8 * 1024;
+const OUTPUT_BUFFER: usize = 4 * 1024;
 
 /// Idle connections kept per backend, so that a busy backend is not re-dialled for
 /// every request; the same as the per-host limit of the single agent before. Pooled

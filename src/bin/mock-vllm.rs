@@ -1005,6 +1005,15 @@ fn main() {
     };
     let listener = TcpListener::bind((cfg.host.as_str(), cfg.port))
         .unwrap_or_else(|e| die(1, &format!("cannot bind {}:{}: {e}", cfg.host, cfg.port)));
+    // std listens with a backlog of 128; vLLM (uvicorn) uses 2048. A router opening a
+    // thousand connections at once would otherwise see dropped SYNs and 1 s retries that
+    // are the mock's, not the router's.
+    // SAFETY: the fd is a bound TCP socket owned by `listener` for the whole call.
+    #[allow(unsafe_code)]
+    let relisten = unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&listener), 2048) };
+    if relisten != 0 {
+        die(1, &format!("cannot listen: {}", io::Error::last_os_error()));
+    }
     let addr = listener
         .local_addr()
         .unwrap_or_else(|e| die(1, &format!("no local address: {e}")));
