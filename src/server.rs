@@ -9,6 +9,7 @@
 //! the channel where neither `queue_timeout` nor `max_queue_size` can see them
 //! (`worker_count`).
 
+use std::collections::VecDeque;
 use std::io;
 use std::net::{SocketAddr, TcpListener};
 use std::os::fd::AsRawFd;
@@ -18,8 +19,7 @@ use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::{Receiver, Sender};
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::clients::{self, Conn, Ticket};
 use crate::config::Config;
@@ -58,15 +58,12 @@ pub fn worker_count(config: &Config) -> usize {
 /// capacity or the queue raises the size; it never lowers it, as threads are never
 /// taken away from requests that may be running.
 pub struct Pool {
-    requests: Receiver<Incoming>,
-    sender: Sender<Incoming>,
+    handoff: Handoff,
     shared: Arc<Shared>,
     /// How many workers may run.
     size: AtomicUsize,
     /// How many have been started.
     started: Mutex<usize>,
-    /// Workers waiting for a request (or about to).
-    idle: AtomicUsize,
     trouble: Mutex<Trouble>,
 }
 
@@ -78,18 +75,12 @@ impl Pool {
 
     /// Hands a request to the workers, starting one if none will be free for it.
     /// False if the workers are gone.
-    fn submit(self: &Arc<Self>, incoming: Incoming) -> bool {
-        if self.sender.send(incoming).is_err() {
-            return false;
-        }
-        // A worker counts itself idle before it waits; fewer of them than requests
-        // waiting means this one would wait for a busy worker to finish.
-        if self.idle.load(Ordering::SeqCst) < self.requests.len() {
+    fn submit(self: &Arc<Self>, incoming: Incoming) {
+        if self.handoff.push(incoming) {
             if let Err(e) = self.start_worker() {
                 self.trouble.lock().report(&e);
             }
         }
-        true
     }
 
     /// Starts one more worker if the size allows.
@@ -108,6 +99,57 @@ impl Pool {
             .map_err(|e| format!("cannot start worker thread {i} of {size}: {e}"))?;
         *started += 1;
         Ok(())
+    }
+}
+
+/// The requests on their way from the connection threads to the workers: a queue
+/// under a mutex, with a condvar the idle workers sleep on. Counting the sleepers under
+/// the same lock as the queue says exactly when a request has no worker left for it,
+/// which is when the pool grows (`Pool::submit`).
+struct Handoff {
+    queue: Mutex<Queue>,
+    ready: Condvar,
+}
+
+struct Queue {
+    requests: VecDeque<Incoming>,
+    /// Workers asleep on `ready`, or woken and not yet back on the lock.
+    idle: usize,
+}
+
+impl Handoff {
+    fn new() -> Handoff {
+        Handoff {
+            queue: Mutex::new(Queue {
+                requests: VecDeque::new(),
+                idle: 0,
+            }),
+            ready: Condvar::new(),
+        }
+    }
+
+    /// Queues a request and wakes a worker. True when no worker is left for it: every
+    /// idle one is spoken for by a request queued before.
+    fn push(&self, incoming: Incoming) -> bool {
+        let mut queue = self.queue.lock();
+        queue.requests.push_back(incoming);
+        let short = queue.idle < queue.requests.len();
+        drop(queue);
+        self.ready.notify_one();
+        short
+    }
+
+    /// The next request, waiting as long as it takes.
+    fn pop(&self) -> Incoming {
+        let mut queue = self.queue.lock();
+        loop {
+            if let Some(incoming) = queue.requests.pop_front() {
+                return incoming;
+            }
+            queue.idle += 1;
+            self.ready.wait(&mut queue);
+            queue.idle -= 1;
+        }
     }
 }
 
@@ -266,9 +308,7 @@ fn read_requests<E: std::fmt::Display>(
             return;
         }
         let ticket = conn.ticket(request.remote_addr().copied(), done.clone());
-        if !pool.submit(Incoming { request, ticket }) {
-            return;
-        }
+        pool.submit(Incoming { request, ticket });
         running = true;
     }
 }
@@ -298,14 +338,11 @@ pub fn start(
     };
     let tls = tiny_http::SslContextWrap::build_ssl_capabilities(identity)
         .map_err(|e| format!("cannot set up TLS: {e}"))?;
-    let (sender, requests) = crossbeam_channel::unbounded();
     let pool = Arc::new(Pool {
-        requests,
-        sender,
+        handoff: Handoff::new(),
         shared: Arc::clone(&shared),
         size: AtomicUsize::new(workers),
         started: Mutex::new(0),
-        idle: AtomicUsize::new(0),
         trouble: Mutex::new(Trouble::default()),
     });
     // The first few in advance, so the first requests and probes wait for no thread
@@ -369,13 +406,7 @@ fn set_nodelay(listener: &TcpListener) -> io::Result<()> {
 
 fn worker(pool: &Arc<Pool>) {
     loop {
-        pool.idle.fetch_add(1, Ordering::SeqCst);
-        let next = pool.requests.recv();
-        pool.idle.fetch_sub(1, Ordering::SeqCst);
-        // The pool holds a sender, so this never ends.
-        let Ok(Incoming { request, ticket }) = next else {
-            return;
-        };
+        let Incoming { request, ticket } = pool.handoff.pop();
         serve(request, &ticket, &pool.shared);
     }
 }
@@ -411,6 +442,34 @@ fn contain_panic(request: tiny_http::Request, handle: impl FnOnce(tiny_http::Req
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::clients::Clients;
+
+    #[test]
+    fn the_handoff_says_when_a_request_has_no_worker_left() {
+        let clients = Clients::new();
+        let conn = clients.admit(8).expect("admitted");
+        let (done, _finished) = crossbeam_channel::bounded(8);
+        let incoming = || Incoming {
+            request: tiny_http::TestRequest::new().into(),
+            ticket: conn.ticket(None, done.clone()),
+        };
+        let handoff = Arc::new(Handoff::new());
+        assert!(handoff.push(incoming()), "no worker waits");
+        let worker = {
+            let handoff = Arc::clone(&handoff);
+            thread::spawn(move || {
+                drop(handoff.pop());
+                drop(handoff.pop());
+            })
+        };
+        // The worker takes the first request, then sleeps for the next.
+        while handoff.queue.lock().idle == 0 {
+            thread::yield_now();
+        }
+        assert!(!handoff.push(incoming()), "the sleeping worker takes it");
+        worker.join().expect("worker");
+        assert_eq!(handoff.queue.lock().idle, 0);
+    }
 
     #[test]
     fn a_panicking_handler_is_contained_to_its_request() {
