@@ -18,7 +18,6 @@
 //!   at the end `idle_since` and one `active` less;
 //! - the janitor: nothing here; it only shuts sockets down.
 
-use std::cell::Cell;
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
@@ -120,7 +119,7 @@ impl Conn {
         self.active.fetch_add(1, Ordering::SeqCst);
         Ticket {
             conn: Arc::clone(self),
-            done: Cell::new(Some(done)),
+            done,
         }
     }
 
@@ -150,8 +149,7 @@ impl Drop for Conn {
 /// One request's hold on its connection, kept by the worker serving it.
 pub struct Ticket {
     conn: Arc<Conn>,
-    /// Taken when the reply is out (`reply_sent`).
-    done: Cell<Option<Sender<()>>>,
+    done: Sender<()>,
 }
 
 impl Ticket {
@@ -179,28 +177,15 @@ impl Ticket {
     }
 }
 
-impl Ticket {
-    /// The reply is out: the connection may hand over its next request, and is idle
-    /// from now on for the janitor. Called as soon as the last byte is written, before
-    /// the access log and metrics, so that a client sending its next request at once
-    /// does not wait for them; at the latest when the ticket drops.
-    pub fn reply_sent(&self) {
-        let Some(done) = self.done.take() else {
-            return;
-        };
+impl Drop for Ticket {
+    fn drop(&mut self) {
         // The idle clock is set before `active` drops, so the janitor never sees an
         // idle connection with the previous request's time.
         let now = self.conn.clients.now();
         self.conn.idle_since.store(now, Ordering::SeqCst);
         self.conn.active.fetch_sub(1, Ordering::SeqCst);
         // The connection thread may have gone (the client closed).
-        let _ = done.try_send(());
-    }
-}
-
-impl Drop for Ticket {
-    fn drop(&mut self) {
-        self.reply_sent();
+        let _ = self.done.try_send(());
     }
 }
 

@@ -60,7 +60,6 @@ pub fn handle(request: Request, ticket: &Ticket, shared: &Arc<Shared>) {
         client_id.as_deref(),
     );
     proxy(request, ticket, shared, &mut access);
-    ticket.reply_sent();
     let known_model = access
         .model
         .as_deref()
