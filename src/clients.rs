@@ -313,6 +313,11 @@ fn verdict(state: Option<State>, seen: u64, now: u64, limits: &Limits) -> Option
 
 /// Starts the janitor for connections to `port`.
 pub fn spawn_janitor(shared: Arc<Shared>, port: u16) -> io::Result<()> {
+    if let Err(e) = std::fs::metadata("/proc/net/tcp") {
+        log::warn!(
+            "cannot read /proc/net/tcp ({e}): client timeouts are not enforced; mount /proc"
+        );
+    }
     thread::Builder::new()
         .name("janitor".to_owned())
         .spawn(move || janitor(&shared, port))

@@ -242,7 +242,7 @@ pub const ACCEPT_THREAD: &str = "accept";
 /// (`client_idle_timeout`), so an HTTPS router accepts on several.
 const TLS_ACCEPT_THREADS: usize = 8;
 
-/// A problem of the accept loop, logged at most every `TROUBLE_EVERY`: under a flood
+/// A problem of the accept loop or of starting workers, logged at most every `TROUBLE_EVERY`: under a flood
 /// of connections the same line would otherwise be written thousands of times.
 #[derive(Default)]
 struct Trouble {
@@ -260,7 +260,7 @@ impl Trouble {
         }
         let more = std::mem::take(&mut self.unreported);
         if more > 0 {
-            log::warn!("{what} ({more} more accept problems since the last report)");
+            log::warn!("{what} ({more} more problems since the last report)");
         } else {
             log::warn!("{what}");
         }
@@ -288,11 +288,16 @@ fn read_requests<E: std::fmt::Display>(
     let (done, finished) = crossbeam_channel::bounded(1);
     // Whether a request of this connection is with the workers.
     let mut running = false;
-    // Waits for that request to end; false if the workers are gone.
-    let previous_ends = |running: &mut bool| !std::mem::take(running) || finished.recv().is_ok();
+    // Waits for that request to end: its ticket always signals (this thread holds a
+    // sender, so the channel cannot close).
+    let previous_ends = |running: &mut bool| {
+        if std::mem::take(running) {
+            let _ = finished.recv();
+        }
+    };
     loop {
-        if secure && !previous_ends(&mut running) {
-            return;
+        if secure {
+            previous_ends(&mut running);
         }
         let request = match connection.next() {
             None => return,
@@ -304,9 +309,7 @@ fn read_requests<E: std::fmt::Display>(
                 continue;
             }
         };
-        if !previous_ends(&mut running) {
-            return;
-        }
+        previous_ends(&mut running);
         let ticket = conn.ticket(request.remote_addr().copied(), done.clone());
         pool.submit(Incoming { request, ticket });
         running = true;
