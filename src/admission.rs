@@ -34,7 +34,7 @@
 //! every path a request can take: success, error, client gone, or a panic unwinding
 //! through the handler.
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -83,8 +83,10 @@ struct Entry {
     request_failures: u32,
     /// Set when request failures marked it down: no check may bring it back before.
     down_by_requests_until: Option<Instant>,
-    /// Model ids from its `/v1/models`; `None` until first learned (serves any model).
+    /// Model objects from its `/v1/models`; `None` until first learned (serves any model).
     models: Option<Arc<Vec<serde_json::Value>>>,
+    /// The ids of `models`, looked up for every request (`pick` scans every backend).
+    model_ids: HashSet<String>,
     checks: CheckStats,
     /// The backend's own count of its requests, from its `/metrics` (health thread).
     reported: Option<ReportedLoad>,
@@ -499,11 +501,11 @@ impl Table {
     /// The model objects of every healthy backend, each id once, in backend order.
     pub fn models(&self) -> Vec<serde_json::Value> {
         let inner = self.inner.lock();
-        let mut seen = std::collections::HashSet::new();
+        let mut seen = HashSet::new();
         let mut out = Vec::new();
         for e in inner.entries.iter().filter(|e| e.healthy && !e.removed) {
             for m in e.models.iter().flat_map(|m| m.iter()) {
-                if let Some(id) = m.get("id").and_then(|id| id.as_str()) {
+                if let Some(id) = model_id(m) {
                     if seen.insert(id.to_owned()) {
                         out.push(m.clone());
                     }
@@ -546,6 +548,11 @@ impl Table {
     pub fn set_models(&self, id: BackendId, models: Vec<serde_json::Value>) {
         let mut inner = self.inner.lock();
         if let Some(e) = inner.entry_mut(id) {
+            e.model_ids = models
+                .iter()
+                .filter_map(model_id)
+                .map(str::to_owned)
+                .collect();
             e.models = Some(Arc::new(models));
         }
         inner.dispatch();
@@ -675,21 +682,22 @@ impl Entry {
 
     /// A backend whose models are not known yet may serve any model.
     fn may_serve(&self, model: &str) -> bool {
-        match &self.models {
-            None => true,
-            Some(list) => list
-                .iter()
-                .any(|m| m.get("id").and_then(|id| id.as_str()) == Some(model)),
-        }
+        self.models.is_none() || self.model_ids.contains(model)
     }
 
     fn model_ids(&self) -> Vec<String> {
         self.models
             .iter()
             .flat_map(|m| m.iter())
-            .filter_map(|m| m.get("id").and_then(|id| id.as_str()).map(str::to_owned))
+            .filter_map(model_id)
+            .map(str::to_owned)
             .collect()
     }
+}
+
+/// The `id` of a model object from `/v1/models`.
+fn model_id(model: &serde_json::Value) -> Option<&str> {
+    model.get("id").and_then(|id| id.as_str())
 }
 
 impl Inner {
@@ -773,6 +781,7 @@ impl Inner {
             request_failures: 0,
             down_by_requests_until: None,
             models: None,
+            model_ids: HashSet::new(),
             checks: CheckStats::default(),
             reported: None,
             removed: false,
