@@ -73,6 +73,9 @@ pub struct Settings {
     pub max_client_connections: usize,
     /// How long a connection may go without sending a whole request head: from its
     /// start, or from the end of its previous reply (an idle keep-alive connection).
+    /// Above 60 s by default, as nginx's `keepalive_timeout`: a load balancer in front
+    /// reuses idle connections for up to its own idle timeout (60 s on AWS), and must
+    /// not find them closed under it.
     pub client_idle_timeout: Duration,
     /// How long a request body may take to arrive, from the end of its head.
     pub client_body_timeout: Duration,
@@ -123,7 +126,7 @@ impl Default for Settings {
             max_body_bytes: 32 * 1024 * 1024,
             shutdown_timeout: Duration::from_secs(30),
             max_client_connections: 4096,
-            client_idle_timeout: Duration::from_secs(60),
+            client_idle_timeout: Duration::from_secs(75),
             client_body_timeout: Duration::from_secs(60),
             client_write_timeout: Duration::from_secs(60),
             backend_metrics_interval: Duration::from_secs(2),
