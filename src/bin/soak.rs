@@ -1706,18 +1706,24 @@ fn idle_connection(addr: SocketAddr, _: u64) -> Result<Duration, String> {
     closed_in_time(&conn.stream, Instant::now())
 }
 
-/// A body over 1 KiB (so not read with the head) of `SLOW_BODY_LEN` bytes, with a
-/// head and the first 1000 bytes sent, then nothing.
-fn slow_body(addr: SocketAddr, n: u64) -> Result<Duration, String> {
+/// A request declaring a body of `SLOW_BODY_LEN` bytes (over 1 KiB, so not read with
+/// the head), of which only the first `sent` are sent.
+fn partial_body(addr: SocketAddr, request_id: &str, sent: usize) -> Result<Conn, String> {
     let mut conn = Conn::open(addr).map_err(|e| format!("connect: {e}"))?;
     let mut body = SMALL_CHAT.as_bytes().to_vec();
     body.resize(SLOW_BODY_LEN, b' ');
     let extra = format!(
-        "X-Request-Id: {SLOW_BODY_ID}{n}\r\n{}Connection: close\r\nContent-Type: \
+        "X-Request-Id: {request_id}\r\n{}Connection: close\r\nContent-Type: \
          application/json\r\nContent-Length: {SLOW_BODY_LEN}\r\n",
         auth()
     );
-    conn.send(&raw("POST", CHAT, &extra, &body[..1000]))?;
+    conn.send(&raw("POST", CHAT, &extra, &body[..sent]))?;
+    Ok(conn)
+}
+
+/// A head and the first 1000 bytes of the body, then nothing.
+fn slow_body(addr: SocketAddr, n: u64) -> Result<Duration, String> {
+    let conn = partial_body(addr, &format!("{SLOW_BODY_ID}{n}"), 1000)?;
     closed_in_time(&conn.stream, Instant::now())
 }
 
@@ -1771,15 +1777,7 @@ fn stalled_reader(addr: SocketAddr, n: u64) -> Result<Duration, String> {
 
 /// A body of `SLOW_BODY_LEN` bytes declared, 100 sent, then the client's FIN.
 fn cut_body(addr: SocketAddr, n: u64) -> Result<Duration, String> {
-    let mut conn = Conn::open(addr).map_err(|e| format!("connect: {e}"))?;
-    let mut body = SMALL_CHAT.as_bytes().to_vec();
-    body.resize(SLOW_BODY_LEN, b' ');
-    let extra = format!(
-        "X-Request-Id: {CUT_BODY_ID}{n}\r\n{}Connection: close\r\nContent-Type: \
-         application/json\r\nContent-Length: {SLOW_BODY_LEN}\r\n",
-        auth()
-    );
-    conn.send(&raw("POST", CHAT, &extra, &body[..100]))?;
+    let mut conn = partial_body(addr, &format!("{CUT_BODY_ID}{n}"), 100)?;
     conn.stream
         .shutdown(Shutdown::Write)
         .map_err(|e| format!("shutdown: {e}"))?;
