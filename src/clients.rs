@@ -27,8 +27,7 @@ use std::sync::{Arc, OnceLock, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use crossbeam_channel::Sender;
-use parking_lot::Mutex;
+use parking_lot::{Condvar, Mutex};
 
 use crate::config::Settings;
 use crate::shared::Shared;
@@ -71,6 +70,8 @@ impl Clients {
             body_since: AtomicU64::new(NOT),
             write_since: AtomicU64::new(NOT),
             closed_by_timeout: AtomicBool::new(false),
+            ended: Mutex::new(false),
+            ended_cv: Condvar::new(),
         }))
     }
 
@@ -102,12 +103,15 @@ pub struct Conn {
     /// When the write in progress started; `NOT` when none is.
     write_since: AtomicU64,
     closed_by_timeout: AtomicBool,
+    /// Set by a ticket when its request ends, taken by the connection thread
+    /// (`wait_request_end`).
+    ended: Mutex<bool>,
+    ended_cv: Condvar,
 }
 
 impl Conn {
-    /// Counts a request read from this connection (connection thread). `done` is
-    /// signalled when the request is finished.
-    pub fn ticket(self: &Arc<Self>, peer: Option<SocketAddr>, done: Sender<()>) -> Ticket {
+    /// Counts a request read from this connection (connection thread).
+    pub fn ticket(self: &Arc<Self>, peer: Option<SocketAddr>) -> Ticket {
         if let Some(peer) = peer {
             if self.peer.set(canonical(peer)).is_ok() {
                 self.clients
@@ -119,8 +123,17 @@ impl Conn {
         self.active.fetch_add(1, Ordering::SeqCst);
         Ticket {
             conn: Arc::clone(self),
-            done,
         }
+    }
+
+    /// Waits until the request of the last ticket ends (connection thread; one
+    /// request at a time, see `server::read_requests`).
+    pub fn wait_request_end(&self) {
+        let mut ended = self.ended.lock();
+        while !*ended {
+            self.ended_cv.wait(&mut ended);
+        }
+        *ended = false;
     }
 
     fn state(&self) -> State {
@@ -149,7 +162,6 @@ impl Drop for Conn {
 /// One request's hold on its connection, kept by the worker serving it.
 pub struct Ticket {
     conn: Arc<Conn>,
-    done: Sender<()>,
 }
 
 impl Ticket {
@@ -184,8 +196,8 @@ impl Drop for Ticket {
         let now = self.conn.clients.now();
         self.conn.idle_since.store(now, Ordering::SeqCst);
         self.conn.active.fetch_sub(1, Ordering::SeqCst);
-        // The connection thread may have gone (the client closed).
-        let _ = self.done.try_send(());
+        *self.conn.ended.lock() = true;
+        self.conn.ended_cv.notify_one();
     }
 }
 
@@ -598,13 +610,25 @@ mod tests {
         let b = clients.admit(2).expect("second");
         assert!(clients.admit(2).is_none());
         drop(a);
-        let (done, finished) = crossbeam_channel::bounded(1);
-        let ticket = b.ticket(Some("127.0.0.1:5000".parse().expect("addr")), done);
+        let ticket = b.ticket(Some("127.0.0.1:5000".parse().expect("addr")));
         drop(b);
         assert_eq!(clients.open(), 1, "the ticket keeps its connection counted");
         drop(ticket);
-        assert!(finished.try_recv().is_ok(), "the end is signalled");
         assert_eq!(clients.open(), 0);
         assert!(clients.by_peer.lock().is_empty());
+    }
+
+    #[test]
+    fn the_connection_thread_wakes_when_its_request_ends() {
+        let clients = Clients::new();
+        let conn = clients.admit(1).expect("admitted");
+        let ticket = conn.ticket(None);
+        // Whichever comes first, the end or the wait, the wait returns.
+        let worker = thread::spawn(move || drop(ticket));
+        conn.wait_request_end();
+        worker.join().expect("worker");
+        // A request that ended before the wait does not make it block.
+        drop(conn.ticket(None));
+        conn.wait_request_end();
     }
 }

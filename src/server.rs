@@ -285,14 +285,12 @@ fn read_requests<E: std::fmt::Display>(
     conn: &Arc<Conn>,
     pool: &Arc<Pool>,
 ) {
-    let (done, finished) = crossbeam_channel::bounded(1);
     // Whether a request of this connection is with the workers.
     let mut running = false;
-    // Waits for that request to end: its ticket always signals (this thread holds a
-    // sender, so the channel cannot close).
+    // Waits for that request to end: its ticket always signals, however it ends.
     let previous_ends = |running: &mut bool| {
         if std::mem::take(running) {
-            let _ = finished.recv();
+            conn.wait_request_end();
         }
     };
     loop {
@@ -310,7 +308,7 @@ fn read_requests<E: std::fmt::Display>(
             }
         };
         previous_ends(&mut running);
-        let ticket = conn.ticket(request.remote_addr().copied(), done.clone());
+        let ticket = conn.ticket(request.remote_addr().copied());
         pool.submit(Incoming { request, ticket });
         running = true;
     }
@@ -451,10 +449,9 @@ mod tests {
     fn the_handoff_says_when_a_request_has_no_worker_left() {
         let clients = Clients::new();
         let conn = clients.admit(8).expect("admitted");
-        let (done, _finished) = crossbeam_channel::bounded(8);
         let incoming = || Incoming {
             request: tiny_http::TestRequest::new().into(),
-            ticket: conn.ticket(None, done.clone()),
+            ticket: conn.ticket(None),
         };
         let handoff = Arc::new(Handoff::new());
         assert!(handoff.push(incoming()), "no worker waits");
