@@ -619,6 +619,13 @@ mod tests {
     }
 
     #[test]
+    fn every_reason_is_a_label_the_metrics_write() {
+        for reason in [Reason::Idle, Reason::SlowBody, Reason::StalledWrite] {
+            assert!(crate::metrics::CONNECTION_CLOSE_REASONS.contains(&reason.label()));
+        }
+    }
+
+    #[test]
     fn the_connection_thread_wakes_when_its_request_ends() {
         let clients = Clients::new();
         let conn = clients.admit(1).expect("admitted");

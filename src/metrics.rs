@@ -144,6 +144,8 @@ impl Metrics {
     /// Counts a client connection the router closed itself: refused over the cap or
     /// for lack of a thread, or closed by the janitor for a timeout.
     pub fn observe_connection_closed(&self, reason: &'static str) {
+        // Only the listed reasons are written out.
+        debug_assert!(CONNECTION_CLOSE_REASONS.contains(&reason), "{reason}");
         *self
             .registry
             .lock()
