@@ -2,11 +2,11 @@
 //! request heads (with tiny_http's parser), and the fixed pool of worker threads that
 //! serve the requests.
 //!
-//! Each worker takes a request from the connection threads' channel and carries it
+//! Each worker takes a request from the hand-off queue (`Handoff`) and carries it
 //! from admission to the last byte of its reply. A stream holds its worker for its
 //! whole life, and so does a request waiting in the admission queue, so the pool must
 //! be larger than every slot plus the whole queue; otherwise requests would wait in
-//! the channel where neither `queue_timeout` nor `max_queue_size` can see them
+//! the hand-off where neither `queue_timeout` nor `max_queue_size` can see them
 //! (`worker_count`).
 
 use std::collections::VecDeque;
@@ -74,7 +74,6 @@ impl Pool {
     }
 
     /// Hands a request to the workers, starting one if none will be free for it.
-    /// False if the workers are gone.
     fn submit(self: &Arc<Self>, incoming: Incoming) {
         if self.handoff.push(incoming) {
             if let Err(e) = self.start_worker() {
