@@ -44,6 +44,11 @@ use parking_lot::{Condvar, Mutex, MutexGuard};
 use crate::config::ServerConfig;
 use crate::upstream::{AgentConfig, BackendAgent};
 
+/// How often a waiting request asks whether it is still wanted (`acquire_while`): a
+/// client that left is noticed by the janitor within a second, so a quarter of that
+/// adds little, and a thousand waiters wake four thousand times a second at most.
+const WANTED_EVERY: Duration = Duration::from_millis(250);
+
 /// The reason shown for a backend that has not had its first health check.
 pub const NOT_CHECKED: &str = "not checked yet";
 
@@ -162,6 +167,8 @@ pub enum Rejection {
     QueueTimeout { waited: Duration },
     /// The router is shutting down.
     Closed,
+    /// The client left while the request waited.
+    Abandoned,
 }
 
 /// The limits that apply to one admission; read from the config snapshot of the
@@ -336,6 +343,17 @@ impl Table {
     /// Takes a slot on the least-loaded healthy backend that serves `want`, waiting in
     /// line up to `limits.queue_timeout` when every such slot is taken.
     pub fn acquire(self: &Arc<Self>, want: Want, limits: Limits) -> Result<Slot, Rejection> {
+        self.acquire_while(want, limits, || true)
+    }
+
+    /// `acquire`, giving up the place in line as soon as `wanted` says the request is
+    /// no longer wanted (its client left): asked every `WANTED_EVERY` while waiting.
+    pub fn acquire_while(
+        self: &Arc<Self>,
+        want: Want,
+        limits: Limits,
+        wanted: impl Fn() -> bool,
+    ) -> Result<Slot, Rejection> {
         let start = Instant::now();
         let mut inner = self.inner.lock();
         if inner.closed {
@@ -375,7 +393,8 @@ impl Table {
         });
         let deadline = start + limits.queue_timeout;
         loop {
-            let timed_out = wake.cv.wait_until(&mut inner, deadline).timed_out();
+            let until = deadline.min(Instant::now() + WANTED_EVERY);
+            let timed_out = wake.cv.wait_until(&mut inner, until).timed_out() && until == deadline;
             let granted = wake.granted.load(Ordering::Relaxed);
             if granted != 0 {
                 // `dispatch` already counted the slot and removed us from the queue.
@@ -392,17 +411,21 @@ impl Table {
                     queued_for: start.elapsed(),
                 });
             }
-            if inner.closed || timed_out {
+            let abandoned = !wanted();
+            if inner.closed || timed_out || abandoned {
                 inner.queue.retain(|w| w.ticket != ticket);
                 return Err(if inner.closed {
                     Rejection::Closed
+                } else if abandoned {
+                    Rejection::Abandoned
                 } else {
                     Rejection::QueueTimeout {
                         waited: start.elapsed(),
                     }
                 });
             }
-            // A spurious wake-up: keep waiting for the same deadline.
+            // A spurious wake-up, or time to ask `wanted`: keep waiting for the same
+            // deadline.
         }
     }
 
@@ -880,6 +903,33 @@ mod tests {
         let err = t.acquire(Want::default(), limits(4, 50)).unwrap_err();
         assert!(
             matches!(err, Rejection::QueueTimeout { waited } if waited >= Duration::from_millis(50))
+        );
+        assert_eq!(t.view().queue_len, 0);
+    }
+
+    #[test]
+    fn a_waiter_no_longer_wanted_leaves_the_line() {
+        let t = table(&[1]);
+        let _held = t.acquire(Want::default(), limits(0, 0)).expect("slot");
+        let left = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let waiter = {
+            let (t, left) = (Arc::clone(&t), Arc::clone(&left));
+            thread::spawn(move || {
+                t.acquire_while(Want::default(), limits(4, 60_000), || {
+                    !left.load(Ordering::SeqCst)
+                })
+            })
+        };
+        while t.view().queue_len == 0 {
+            thread::yield_now();
+        }
+        let asked = Instant::now();
+        left.store(true, Ordering::SeqCst);
+        let result = waiter.join().expect("waiter");
+        assert!(matches!(result, Err(Rejection::Abandoned)));
+        assert!(
+            asked.elapsed() < Duration::from_secs(5),
+            "noticed at the next look"
         );
         assert_eq!(t.view().queue_len, 0);
     }

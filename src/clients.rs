@@ -70,6 +70,7 @@ impl Clients {
             body_since: AtomicU64::new(NOT),
             write_since: AtomicU64::new(NOT),
             closed_by_timeout: AtomicBool::new(false),
+            client_left: AtomicBool::new(false),
             ended: Mutex::new(false),
             ended_cv: Condvar::new(),
         }))
@@ -103,6 +104,9 @@ pub struct Conn {
     /// When the write in progress started; `NOT` when none is.
     write_since: AtomicU64,
     closed_by_timeout: AtomicBool,
+    /// The client closed its side while a request was running (the janitor saw the
+    /// socket in CLOSE_WAIT).
+    client_left: AtomicBool,
     /// Set by a ticket when its request ends, taken by the connection thread
     /// (`wait_request_end`).
     ended: Mutex<bool>,
@@ -186,6 +190,12 @@ impl Ticket {
     /// Whether the janitor closed this connection for a timeout.
     pub fn timed_out(&self) -> bool {
         self.conn.closed_by_timeout.load(Ordering::SeqCst)
+    }
+
+    /// Whether the client has closed its side of the connection: nobody will read
+    /// the reply, so a request not yet sent to a backend should not be.
+    pub fn client_left(&self) -> bool {
+        self.conn.client_left.load(Ordering::SeqCst)
     }
 }
 
@@ -350,6 +360,13 @@ fn janitor(shared: &Shared, port: u16) {
         for socket in &sockets {
             let seen = *first_seen.entry(socket.inode).or_insert(now);
             let conn = clients.lookup(&socket.peer);
+            // A request still running on a connection its client has closed: nobody
+            // will read the reply (see `Ticket::client_left`).
+            if let Some(conn) = conn.as_ref() {
+                if socket.client_closed && conn.active.load(Ordering::SeqCst) > 0 {
+                    conn.client_left.store(true, Ordering::SeqCst);
+                }
+            }
             if let Some(reason) = verdict(conn.as_ref().map(|c| c.state()), seen, now, &limits) {
                 if let Some(conn) = &conn {
                     conn.closed_by_timeout.store(true, Ordering::SeqCst);
@@ -380,6 +397,8 @@ fn janitor(shared: &Shared, port: u16) {
 struct Socket {
     inode: u64,
     peer: SocketAddr,
+    /// The client has sent its FIN (CLOSE_WAIT).
+    client_closed: bool,
 }
 
 /// The established (or half-closed by the client) connections to `port`.
@@ -412,6 +431,7 @@ fn parse_socket(line: &str, port: u16) -> Option<Socket> {
     Some(Socket {
         inode,
         peer: canonical(parse_addr(remote)?),
+        client_closed: *state == "08",
     })
 }
 
@@ -596,6 +616,9 @@ mod tests {
         let line = "   3: 0100007F:1F90 0100007F:C350 01 00000000:00000000 00:00000000 00000000     0        0 4242 1 0000000000000000 20 4 30 10 -1";
         let socket = parse_socket(line, 8080).expect("listed");
         assert_eq!((socket.inode, socket.peer.port()), (4242, 50000));
+        assert!(!socket.client_closed);
+        let half_closed = line.replace(" 01 ", " 08 ");
+        assert!(parse_socket(&half_closed, 8080).is_some_and(|s| s.client_closed));
         assert!(parse_socket(line, 8081).is_none());
         let listening = line.replace(" 01 ", " 0A ");
         assert!(parse_socket(&listening, 8080).is_none());

@@ -29,6 +29,8 @@ pub enum RouterError {
     BodyTooLarge { limit: u64 },
     /// The request is malformed in a way the router must not forward.
     BadRequest(String),
+    /// The client closed its connection before the request reached a backend.
+    ClientClosed,
     /// The request body did not arrive within `client_body_timeout`.
     BodyTimeout { limit: Duration },
     /// No valid client API key.
@@ -59,6 +61,9 @@ impl RouterError {
             RouterError::BodyTooLarge { .. } => 413,
             RouterError::UnknownModel(_) => 404,
             RouterError::BadRequest(_) => 400,
+            // nginx's code for it: no client will read this reply, but the access log
+            // and the metrics tell it from the router's own errors.
+            RouterError::ClientClosed => 499,
             RouterError::BodyTimeout { .. } => 408,
             RouterError::Unauthorized => 401,
             RouterError::HeadersTooLarge => 431,
@@ -85,6 +90,7 @@ impl RouterError {
             | RouterError::MethodNotImplemented(_)
             | RouterError::UnknownModel(_)
             | RouterError::BadRequest(_)
+            | RouterError::ClientClosed
             | RouterError::BodyTimeout { .. }
             | RouterError::MethodNotAllowed { .. } => "invalid_request_error",
             RouterError::BadGateway { .. } | RouterError::GatewayTimeout { .. } => "upstream_error",
@@ -102,6 +108,7 @@ impl RouterError {
             RouterError::ShuttingDown => "shutting_down",
             RouterError::BodyTooLarge { .. } => "request_too_large",
             RouterError::BadRequest(_) => "bad_request",
+            RouterError::ClientClosed => "client_closed_request",
             RouterError::BodyTimeout { .. } => "request_timeout",
             RouterError::Unauthorized => "invalid_api_key",
             RouterError::HeadersTooLarge => "headers_too_large",
@@ -172,6 +179,10 @@ impl fmt::Display for RouterError {
                 write!(f, "request body is larger than the limit of {limit} bytes")
             }
             RouterError::BadRequest(why) => write!(f, "bad request: {why}"),
+            RouterError::ClientClosed => write!(
+                f,
+                "the client closed its connection before the request reached a backend"
+            ),
             RouterError::BodyTimeout { limit } => write!(
                 f,
                 "the request body did not arrive within client_body_timeout ({}s)",
@@ -219,6 +230,7 @@ impl From<Rejection> for RouterError {
             Rejection::QueueFull { queue_len } => RouterError::QueueFull { queue_len },
             Rejection::QueueTimeout { waited } => RouterError::QueueTimeout { waited },
             Rejection::Closed => RouterError::ShuttingDown,
+            Rejection::Abandoned => RouterError::ClientClosed,
         }
     }
 }

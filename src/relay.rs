@@ -121,6 +121,7 @@ fn proxy(mut request: Request, ticket: &Ticket, shared: &Arc<Shared>, access: &m
     let exchange = Exchange {
         shared,
         config: &config,
+        ticket,
         method: &method,
         target: &target,
         headers: &upstream,
@@ -231,6 +232,7 @@ pub fn requested_model(
 struct Exchange<'a> {
     shared: &'a Shared,
     config: &'a Config,
+    ticket: &'a Ticket,
     method: &'a str,
     target: &'a str,
     headers: &'a [(String, String)],
@@ -250,7 +252,7 @@ impl Exchange<'_> {
     ) -> Result<(Slot, http::Response<ureq::Body>), RouterError> {
         let settings = &self.config.settings;
         loop {
-            let slot = admit(self.shared, self.config, want.clone())?;
+            let slot = self.admit(want.clone())?;
             let result = self.send(&slot);
             match &result {
                 Ok(response) if is_backend_failure(response.status().as_u16()) => {
@@ -286,6 +288,26 @@ impl Exchange<'_> {
             *retries += 1;
             std::thread::sleep(settings.retry_delay);
         }
+    }
+
+    /// Takes a slot on the least-loaded backend that serves `want`, waiting in line if
+    /// all are full, for as long as the client is there: a request whose client left
+    /// is never sent, so no backend generates a reply nobody reads.
+    fn admit(&self, want: Want) -> Result<Slot, RouterError> {
+        let settings = &self.config.settings;
+        let limits = Limits {
+            max_queue_size: settings.max_queue_size,
+            queue_timeout: settings.queue_timeout,
+        };
+        let ticket = self.ticket;
+        let slot = self
+            .shared
+            .table
+            .acquire_while(want, limits, || !ticket.client_left())?;
+        if ticket.client_left() {
+            return Err(RouterError::ClientClosed);
+        }
+        Ok(slot)
     }
 
     /// Sends the request to the slot's backend and waits for its response head.
@@ -446,16 +468,6 @@ fn read_body(
         )));
     }
     Ok(body)
-}
-
-/// Takes a slot on the least-loaded backend that serves `want`, waiting in line if
-/// all are full.
-fn admit(shared: &Shared, config: &Config, want: Want) -> Result<Slot, RouterError> {
-    let limits = Limits {
-        max_queue_size: config.settings.max_queue_size,
-        queue_timeout: config.settings.queue_timeout,
-    };
-    Ok(shared.table.acquire(want, limits)?)
 }
 
 fn backend_error(backend: &str, err: ureq::Error) -> RouterError {

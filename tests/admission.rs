@@ -148,6 +148,49 @@ fn a_request_that_waits_too_long_gets_503_with_retry_after() {
     );
 }
 
+/// A client that closes its connection while its request waits in line: the request
+/// leaves the line and never reaches a backend, so no GPU generates a reply nobody
+/// reads. It shows in the access log as 499.
+#[test]
+fn a_request_whose_client_left_leaves_the_line_and_is_never_sent() {
+    let mock = Mock::start(&[]);
+    let router = Arc::new(Router::start(&servers_toml(
+        &[(&mock.url, 1)],
+        "queue_timeout = 60",
+    )));
+    let holder = hold_the_only_slot(&router, 3000);
+    let mut leaving = Conn::open(router.addr);
+    let body = chat(1, 0);
+    leaving.send(
+        "POST",
+        CHAT,
+        &[
+            ("Content-Type", "application/json"),
+            ("X-Request-Id", "left-in-line"),
+        ],
+        body.as_bytes(),
+        false,
+    );
+    wait_until(Duration::from_secs(5), "the request queued", || {
+        router.get_json("/load-stats")["summary"]["queue_length"] == 1
+    });
+    drop(leaving);
+    wait_until(Duration::from_secs(5), "the request left the line", || {
+        router.get_json("/load-stats")["summary"]["queue_length"] == 0
+    });
+    assert_eq!(router.in_flight(), [1], "the holder still runs");
+    let mut entry = None;
+    wait_until(Duration::from_secs(5), "its access entry", || {
+        entry = router.access_entry("left-in-line");
+        entry.is_some()
+    });
+    let entry = entry.expect("entry");
+    assert_eq!(entry["status"], 499, "{entry}");
+    assert_eq!(entry["outcome"], "client_closed_request", "{entry}");
+    assert_eq!(holder.join().expect("holder"), 200);
+    assert_eq!(mock.stat("total"), 1, "only the holder reached the backend");
+}
+
 #[test]
 fn a_full_queue_answers_503_at_once() {
     let mock = Mock::start(&[]);
