@@ -16,7 +16,9 @@
 //! - a connection thread: its `Conn` (the peer, and one more `active` per request read);
 //! - the worker serving a request: through its `Ticket`, the body and write stamps, and
 //!   at the end `idle_since` and one `active` less;
-//! - the janitor: nothing here; it only shuts sockets down.
+//! - the janitor: `client_left` (when the kernel shows the client's FIN while a
+//!   request runs), and otherwise it only shuts sockets down: the client's, or the
+//!   backend connection of a request whose client left (`upstream::Call`).
 
 use std::collections::{HashMap, HashSet};
 use std::io::{self, Write};
@@ -31,6 +33,7 @@ use parking_lot::{Condvar, Mutex};
 
 use crate::config::Settings;
 use crate::shared::Shared;
+use crate::upstream::Call;
 
 /// Every client connection the router holds.
 pub struct Clients {
@@ -71,6 +74,7 @@ impl Clients {
             write_since: AtomicU64::new(NOT),
             closed_by_timeout: AtomicBool::new(false),
             client_left: AtomicBool::new(false),
+            backend_call: Arc::default(),
             ended: Mutex::new(false),
             ended_cv: Condvar::new(),
         }))
@@ -107,6 +111,8 @@ pub struct Conn {
     /// The client closed its side while a request was running (the janitor saw the
     /// socket in CLOSE_WAIT).
     client_left: AtomicBool,
+    /// The backend connection its request is using, stopped when the client leaves.
+    backend_call: Arc<Call>,
     /// Set by a ticket when its request ends, taken by the connection thread
     /// (`wait_request_end`).
     ended: Mutex<bool>,
@@ -193,9 +199,15 @@ impl Ticket {
     }
 
     /// Whether the client has closed its side of the connection: nobody will read
-    /// the reply, so a request not yet sent to a backend should not be.
+    /// the reply, so a request not yet sent to a backend should not be, and one at a
+    /// backend has had its backend connection stopped.
     pub fn client_left(&self) -> bool {
         self.conn.client_left.load(Ordering::SeqCst)
+    }
+
+    /// Where the request records the backend connection it uses.
+    pub fn backend_call(&self) -> &Arc<Call> {
+        &self.conn.backend_call
     }
 }
 
@@ -363,8 +375,11 @@ fn janitor(shared: &Shared, port: u16) {
             // A request still running on a connection its client has closed: nobody
             // will read the reply (see `Ticket::client_left`).
             if let Some(conn) = conn.as_ref() {
-                if socket.client_closed && conn.active.load(Ordering::SeqCst) > 0 {
-                    conn.client_left.store(true, Ordering::SeqCst);
+                if socket.client_closed
+                    && conn.active.load(Ordering::SeqCst) > 0
+                    && !conn.client_left.swap(true, Ordering::SeqCst)
+                {
+                    conn.backend_call.shut_down();
                 }
             }
             if let Some(reason) = verdict(conn.as_ref().map(|c| c.state()), seen, now, &limits) {

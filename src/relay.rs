@@ -59,7 +59,11 @@ pub fn handle(request: Request, ticket: &Ticket, shared: &Arc<Shared>) {
         request.url(),
         client_id.as_deref(),
     );
-    proxy(request, ticket, shared, &mut access);
+    // The backend connection the request uses is recorded, so that the janitor can stop
+    // it when the client leaves (`Ticket::client_left`).
+    ticket
+        .backend_call()
+        .during(|| proxy(request, ticket, shared, &mut access));
     let known_model = access
         .model
         .as_deref()
@@ -146,6 +150,8 @@ fn proxy(mut request: Request, ticket: &Ticket, shared: &Arc<Shared>, access: &m
             "complete"
         }
         End::ClientGone => "client_gone",
+        // The janitor stopped the backend connection: not the backend's fault.
+        End::BackendBroke(_) if ticket.client_left() => "client_gone",
         End::BackendBroke(why) => {
             exchange.record_failure(&slot, why);
             "backend_broke"
@@ -254,6 +260,11 @@ impl Exchange<'_> {
         loop {
             let slot = self.admit(want.clone())?;
             let result = self.send(&slot);
+            if result.is_err() && self.ticket.client_left() {
+                // The janitor stopped the backend connection because the client left:
+                // not the backend's fault, and nobody to retry for.
+                return Err(RouterError::ClientClosed);
+            }
             match &result {
                 Ok(response) if is_backend_failure(response.status().as_u16()) => {
                     self.record_failure(&slot, &format!("replied {}", response.status().as_u16()));

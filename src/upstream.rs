@@ -15,10 +15,22 @@
 //! A `Slot` holds a clone for its request and a health probe one for its round, so the
 //! agent of a removed backend, and with it its idle connections, goes when the last of
 //! those ends. Clones are cheap: an agent is a handful of `Arc`s.
+//!
+//! Each agent's connections come from ureq's own connectors, wrapped (`Tracking`) so
+//! that the request using a connection can have it stopped from another thread
+//! (`Call`): the janitor does that when the client leaves.
 
+use std::cell::RefCell;
+use std::sync::{Arc, Weak};
+
+use parking_lot::Mutex;
 use ureq::config::{AutoHeaderValue, Config, ConfigBuilder};
 use ureq::http;
 use ureq::typestate::HttpCrateScope;
+use ureq::unversioned::resolver::DefaultResolver;
+use ureq::unversioned::transport::{
+    Buffers, ConnectionDetails, Connector, DefaultConnector, NextTimeout, ShutdownHandle, Transport,
+};
 use ureq::AsSendBody;
 
 use crate::config::Settings;
@@ -91,9 +103,14 @@ impl AgentConfig {
         ))
     }
 
-    /// A new agent, with a connection pool of its own, for one backend.
+    /// A new agent, with a connection pool of its own, for one backend. Its
+    /// connections tell the request using them how to stop them (`Call`).
     pub fn new_agent(&self) -> BackendAgent {
-        BackendAgent(ureq::Agent::new_with_config(self.0.clone()))
+        BackendAgent(ureq::Agent::with_parts(
+            self.0.clone(),
+            Tracking(DefaultConnector::new()),
+            DefaultResolver::default(),
+        ))
     }
 }
 
@@ -167,5 +184,130 @@ mod tests {
         let target = format!("/v1/models?q={}", "a".repeat(20_000));
         assert_eq!(line(&target, "x"), 5 + 1 + target.len() + 9 + 2);
         assert!(line("/v1/chat/completions", "x") < OUTPUT_BUFFER);
+    }
+}
+
+/// The backend connection a request is using, stoppable from another thread: a client
+/// that leaves while its request waits for the backend (a long non-streamed generation)
+/// would otherwise hold the backend, and its GPU, until the reply is written. Shutting
+/// the connection down wakes the worker blocked on it with an error, and vLLM aborts a
+/// request whose connection closes.
+///
+/// Written by the worker's own reads and writes (through `Tracked`, while the worker
+/// runs inside `Call::during`); shut down by the janitor (`clients`).
+#[derive(Default)]
+pub struct Call(Mutex<Option<Weak<dyn ShutdownHandle>>>);
+
+impl Call {
+    /// Runs `f`, a request's work with its backend on this thread, recording the
+    /// connection it uses; forgets the connection afterwards, before it can serve
+    /// another request from the pool.
+    pub fn during<R>(self: &Arc<Self>, f: impl FnOnce() -> R) -> R {
+        CURRENT.with(|current| *current.borrow_mut() = Some(Arc::clone(self)));
+        let result = f();
+        CURRENT.with(|current| *current.borrow_mut() = None);
+        *self.0.lock() = None;
+        result
+    }
+
+    /// Stops the backend connection in use, if any.
+    pub fn shut_down(&self) {
+        let handle = self.0.lock().as_ref().and_then(Weak::upgrade);
+        if let Some(handle) = handle {
+            handle.shutdown();
+        }
+    }
+}
+
+thread_local! {
+    /// The backend call of the request this worker thread is serving.
+    static CURRENT: RefCell<Option<Arc<Call>>> = const { RefCell::new(None) };
+}
+
+/// ureq's own connectors (TCP, then TLS), with each connection wrapped in `Tracked`.
+/// The TCP connector hands a shutdown handle to the agent as it opens a socket; this
+/// connector keeps a copy of it for the connection.
+#[derive(Debug)]
+struct Tracking(DefaultConnector);
+
+impl Connector for Tracking {
+    type Out = Tracked;
+
+    fn connect(
+        &self,
+        details: &ConnectionDetails,
+        chained: Option<()>,
+    ) -> Result<Option<Tracked>, ureq::Error> {
+        let handle: Arc<Mutex<Option<Weak<dyn ShutdownHandle>>>> = Arc::default();
+        let register = Arc::clone(&details.register_shutdown);
+        let kept = Arc::clone(&handle);
+        let inner = ConnectionDetails {
+            uri: details.uri,
+            addrs: details.addrs.clone(),
+            config: details.config,
+            request_level: details.request_level,
+            resolver: details.resolver,
+            now: details.now,
+            timeout: details.timeout,
+            current_time: Arc::clone(&details.current_time),
+            run_connector: Arc::clone(&details.run_connector),
+            register_shutdown: Arc::new(move |weak: Weak<dyn ShutdownHandle>| {
+                *kept.lock() = Some(weak.clone());
+                register(weak)
+            }),
+        };
+        let transport = self.0.connect(&inner, chained)?;
+        let handle = handle.lock().take();
+        Ok(transport.map(|inner| Tracked { inner, handle }))
+    }
+}
+
+/// A backend connection that records itself as the one in use by the request whose
+/// thread reads or writes it.
+#[derive(Debug)]
+struct Tracked {
+    inner: Box<dyn Transport>,
+    handle: Option<Weak<dyn ShutdownHandle>>,
+}
+
+impl Tracked {
+    fn in_use(&self) {
+        let Some(handle) = &self.handle else {
+            return;
+        };
+        CURRENT.with(|current| {
+            if let Some(call) = current.borrow().as_ref() {
+                *call.0.lock() = Some(handle.clone());
+            }
+        });
+    }
+}
+
+impl Transport for Tracked {
+    fn buffers(&mut self) -> &mut dyn Buffers {
+        self.inner.buffers()
+    }
+
+    fn transmit_output(&mut self, amount: usize, timeout: NextTimeout) -> Result<(), ureq::Error> {
+        self.in_use();
+        self.inner.transmit_output(amount, timeout)
+    }
+
+    fn maybe_await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
+        self.in_use();
+        self.inner.maybe_await_input(timeout)
+    }
+
+    fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
+        self.in_use();
+        self.inner.await_input(timeout)
+    }
+
+    fn is_open(&mut self) -> bool {
+        self.inner.is_open()
+    }
+
+    fn is_tls(&self) -> bool {
+        self.inner.is_tls()
     }
 }

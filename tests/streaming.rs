@@ -188,3 +188,58 @@ fn a_backend_that_breaks_mid_stream_never_looks_complete() {
         router.in_flight() == [0]
     });
 }
+
+/// A client that leaves during a long non-streamed generation: nothing is written to
+/// it until the end, so only the janitor can notice (the socket in CLOSE_WAIT). The
+/// router stops the backend connection, the backend (like vLLM) aborts the
+/// generation, the slot is free at once, and the backend is not blamed.
+#[test]
+fn a_client_that_leaves_a_non_streamed_generation_stops_it() {
+    let mock = Mock::start(&[]);
+    let router = Router::start(&servers_toml(&[(&mock.url, 1)], ""));
+    let mut conn = Conn::open(router.addr);
+    let body = br#"{"model":"mock-model","messages":[{"role":"user","content":"hi"}]}"#;
+    conn.send(
+        "POST",
+        CHAT,
+        &[
+            ("Content-Type", "application/json"),
+            ("X-Request-Id", "left-mid-generation"),
+            ("x-mock-tokens", "100"),
+            ("x-mock-delay-ms", "100"),
+        ],
+        body,
+        false,
+    );
+    wait_until(Duration::from_secs(5), "the generation runs", || {
+        mock.stat("in_flight") == 1
+    });
+    let left = Instant::now();
+    drop(conn);
+    wait_until(Duration::from_secs(5), "the slot is free", || {
+        router.in_flight() == [0]
+    });
+    wait_until(Duration::from_secs(5), "the backend aborted", || {
+        mock.stat("aborted") == 1 && mock.stat("in_flight") == 0
+    });
+    assert!(
+        left.elapsed() < Duration::from_secs(5),
+        "stopped long before the 10 s generation would end"
+    );
+    let mut entry = None;
+    wait_until(Duration::from_secs(5), "its access entry", || {
+        entry = router.access_entry("left-mid-generation");
+        entry.is_some()
+    });
+    let entry = entry.expect("entry");
+    assert_eq!(entry["status"], 499, "{entry}");
+    assert_eq!(entry["outcome"], "client_closed_request", "{entry}");
+    assert_eq!(
+        router.server(0)["request_failures"],
+        0,
+        "the backend is not blamed"
+    );
+    assert_eq!(router.server(0)["healthy"], true);
+    // The slot serves the next request.
+    assert_eq!(router.post(CHAT, crate::support::CHAT_BODY).status, 200);
+}

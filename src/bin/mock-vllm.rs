@@ -835,6 +835,28 @@ impl Gen {
 
 /// Drops the in-flight guard before the last write, so a client that has read
 /// the whole reply never finds its request still counted in `/mock/stats`.
+/// Waits `total`, looking every 20 ms whether the client has closed the connection;
+/// false if it has.
+fn generate_while_connected(stream: &TcpStream, total: Duration) -> bool {
+    let deadline = std::time::Instant::now() + total;
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        thread::sleep(left.min(Duration::from_millis(20)));
+        if stream.set_nonblocking(true).is_err() {
+            return true;
+        }
+        // End of stream (0) is a client gone; bytes or "would block" are one still there.
+        let closed = matches!(stream.peek(&mut [0u8; 1]), Ok(0));
+        let _ = stream.set_nonblocking(false);
+        if closed {
+            return false;
+        }
+    }
+}
+
 fn finish(c: &mut Conn, guard: InFlight, r: &Resp) -> io::Result<()> {
     drop(guard);
     c.send(r)
@@ -895,7 +917,14 @@ fn inference(c: &mut Conn, req: &Request, path: &str) -> io::Result<()> {
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
         return stream(c, guard, &g);
     }
-    thread::sleep(g.delay.saturating_mul(g.n as u32));
+    // Like vLLM, a non-streamed generation stops when its client goes away.
+    if !generate_while_connected(&c.out, g.delay.saturating_mul(g.n as u32)) {
+        st.aborted.fetch_add(1, SeqCst);
+        return Err(io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            "client left",
+        ));
+    }
     finish(c, guard, &completion(st, &g, req.body.len() as u64 / 4))
 }
 
