@@ -468,12 +468,7 @@ impl Table {
 
     /// A copy of one backend's entry (while it is not removed).
     pub fn backend(&self, id: BackendId) -> Option<BackendView> {
-        let inner = self.inner.lock();
-        inner
-            .entries
-            .iter()
-            .find(|e| e.id == id && !e.removed)
-            .map(|e| e.view(Instant::now()))
+        self.inner.lock().live(id).map(|e| e.view(Instant::now()))
     }
 
     /// Whether any backend could take a request now or later (used by /readyz).
@@ -484,22 +479,12 @@ impl Table {
 
     /// The HTTP client of one backend (while it is not removed), for health probes.
     pub fn agent_of(&self, id: BackendId) -> Option<BackendAgent> {
-        let inner = self.inner.lock();
-        inner
-            .entries
-            .iter()
-            .find(|e| e.id == id && !e.removed)
-            .map(|e| e.agent.clone())
+        self.inner.lock().live(id).map(|e| e.agent.clone())
     }
 
     /// This router's requests in flight on one backend.
     pub fn in_flight_of(&self, id: BackendId) -> u32 {
-        self.inner
-            .lock()
-            .entries
-            .iter()
-            .find(|e| e.id == id)
-            .map_or(0, |e| e.in_flight)
+        self.inner.lock().entry(id).map_or(0, |e| e.in_flight)
     }
 
     /// Requests holding a slot right now, on every backend (shutdown waits for 0).
@@ -816,11 +801,19 @@ impl Inner {
         self.entries.iter_mut().find(|e| e.id == id)
     }
 
+    /// Backend `id`'s entry, removed by a reload or not (its slots still count).
+    fn entry(&self, id: BackendId) -> Option<&Entry> {
+        self.entries.iter().find(|e| e.id == id)
+    }
+
+    /// Backend `id`'s entry while it is in the config.
+    fn live(&self, id: BackendId) -> Option<&Entry> {
+        self.entry(id).filter(|e| !e.removed)
+    }
+
     /// The URL and agent a slot on backend `id` carries.
     fn slot_parts(&self, id: BackendId) -> Option<(Arc<str>, BackendAgent)> {
-        self.entries
-            .iter()
-            .find(|e| e.id == id)
+        self.entry(id)
             .map(|e| (Arc::clone(&e.url), e.agent.clone()))
     }
 }
