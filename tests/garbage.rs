@@ -10,15 +10,17 @@
 //! good backend is a `mock-vllm` serving `mock-model`; requests pick one by `model`.
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use crate::support::{chat_for, request, servers_toml, wait_until, Conn, Mock, Resp, Router, CHAT};
+use crate::support::{
+    chat_for, request, servers_toml, wait_until, Conn, FakeBackend, Mock, Resp, Router, CHAT,
+};
 
 /// The bound for anything that should happen at once.
 const SOON: Duration = Duration::from_secs(5);
@@ -54,9 +56,7 @@ const ENDLESS_CAP: u64 = 64 * 1024 * 1024;
 
 /// A backend on 127.0.0.1 that misbehaves on POST, one thread per connection.
 struct Fake {
-    addr: SocketAddr,
-    url: String,
-    stop: Arc<AtomicBool>,
+    backend: FakeBackend,
     posts: Arc<AtomicU64>,
     /// The most header bytes one endless-header reply got out.
     header_bytes: Arc<AtomicU64>,
@@ -64,34 +64,16 @@ struct Fake {
 
 impl Fake {
     fn start(garbage: Garbage) -> Fake {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let stop = Arc::new(AtomicBool::new(false));
         let posts = Arc::new(AtomicU64::new(0));
         let header_bytes = Arc::new(AtomicU64::new(0));
-        {
-            let (stop, posts, header_bytes) = (
-                Arc::clone(&stop),
-                Arc::clone(&posts),
-                Arc::clone(&header_bytes),
-            );
-            thread::spawn(move || {
-                for stream in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let Ok(stream) = stream else { continue };
-                    let (posts, header_bytes) = (Arc::clone(&posts), Arc::clone(&header_bytes));
-                    thread::spawn(move || {
-                        let _ = serve(stream, garbage, &posts, &header_bytes);
-                    });
-                }
-            });
-        }
+        let backend = {
+            let (posts, header_bytes) = (Arc::clone(&posts), Arc::clone(&header_bytes));
+            FakeBackend::start(move |stream| {
+                let _ = serve(stream, garbage, &posts, &header_bytes);
+            })
+        };
         Fake {
-            addr,
-            url: format!("http://{addr}"),
-            stop,
+            backend,
             posts,
             header_bytes,
         }
@@ -99,14 +81,6 @@ impl Fake {
 
     fn posts(&self) -> u64 {
         self.posts.load(Ordering::SeqCst)
-    }
-}
-
-impl Drop for Fake {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wakes the accept loop so it sees the flag.
-        let _ = TcpStream::connect(self.addr);
     }
 }
 
@@ -233,7 +207,7 @@ fn setup(garbage: Garbage) -> Setup {
     let fake = Fake::start(garbage);
     let mock = Mock::start(&[]);
     let router = Router::start(&servers_toml(
-        &[(&fake.url, 4), (&mock.url, 4)],
+        &[(&fake.backend.url, 4), (&mock.url, 4)],
         "enable_active_health_check = false\nfailure_threshold = 2\n\
          auto_recovery_threshold = 600\nmax_retries = 0\nbackend_metrics_interval = 0",
     ));
@@ -419,40 +393,44 @@ fn a_reply_that_is_not_http_gets_a_clean_502_and_counts_as_a_failure() {
     assert_keeps_serving_and_counted(&mut s, "a reply that is not HTTP");
 }
 
-#[test]
-fn a_broken_chunked_stream_never_looks_complete_and_counts_as_a_failure() {
-    let mut s = setup(Garbage::BrokenChunks);
+/// Two requests to a backend whose reply breaks off: neither may look complete to the
+/// client, whatever reaches it is the start of what the backend sent (`sent`), and the
+/// backend is counted as failing.
+fn assert_breaks_never_look_complete(garbage: Garbage, sent: &[u8], per_request: &str, kind: &str) {
+    let mut s = setup(garbage);
     for i in 1..=2 {
-        let what = format!("broken chunk size, request {i}");
+        let what = format!("{per_request}, request {i}");
         let mut conn = send_chat(s.router.addr, GARBAGE_MODEL, "HTTP/1.1");
         if let Some(body) = assert_never_complete(&mut conn, &what) {
             assert!(
-                FIRST_EVENT.starts_with(&body),
+                sent.starts_with(&body),
                 "{what}: the client got {:?}",
                 String::from_utf8_lossy(&body)
             );
         }
     }
     assert_eq!(s.fake.posts(), 2);
-    assert_keeps_serving_and_counted(&mut s, "a broken chunked stream");
+    assert_keeps_serving_and_counted(&mut s, kind);
+}
+
+#[test]
+fn a_broken_chunked_stream_never_looks_complete_and_counts_as_a_failure() {
+    assert_breaks_never_look_complete(
+        Garbage::BrokenChunks,
+        FIRST_EVENT,
+        "broken chunk size",
+        "a broken chunked stream",
+    );
 }
 
 #[test]
 fn a_reply_cut_mid_body_never_looks_complete_and_counts_as_a_failure() {
-    let mut s = setup(Garbage::CutBody);
-    for i in 1..=2 {
-        let what = format!("reply cut after 10 of 100 bytes, request {i}");
-        let mut conn = send_chat(s.router.addr, GARBAGE_MODEL, "HTTP/1.1");
-        if let Some(body) = assert_never_complete(&mut conn, &what) {
-            assert!(
-                CUT_BODY.starts_with(&body),
-                "{what}: the client got {:?}",
-                String::from_utf8_lossy(&body)
-            );
-        }
-    }
-    assert_eq!(s.fake.posts(), 2);
-    assert_keeps_serving_and_counted(&mut s, "a reply cut mid-body");
+    assert_breaks_never_look_complete(
+        Garbage::CutBody,
+        CUT_BODY,
+        "reply cut after 10 of 100 bytes",
+        "a reply cut mid-body",
+    );
 }
 
 /// An HTTP/1.0 keep-alive client needs a length up front, so the router reads the

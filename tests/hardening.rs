@@ -5,10 +5,9 @@
 
 use std::cell::RefCell;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -16,8 +15,8 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::support::{
-    chat_for, free_port, request, test_dir, wait_until, Conn, Mock, Proc, Resp, Router, CHAT,
-    CHAT_BODY, ROUTER,
+    chat_for, free_port, request, test_dir, wait_until, Conn, FakeBackend, Mock, Proc, Resp,
+    Router, CHAT, CHAT_BODY, ROUTER,
 };
 
 /// The bound for anything that should happen at once or within a few intervals.
@@ -325,10 +324,8 @@ type Seen = (String, Vec<String>);
 /// values of every request it gets. A broken one passes its probes but drops every
 /// POST without a reply.
 struct KeyedBackend {
-    addr: SocketAddr,
-    url: String,
+    backend: FakeBackend,
     seen: Arc<Mutex<Vec<Seen>>>,
-    stop: Arc<AtomicBool>,
 }
 
 impl KeyedBackend {
@@ -341,44 +338,18 @@ impl KeyedBackend {
     }
 
     fn launch(key: &str, model: &str, broken: bool) -> KeyedBackend {
-        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        let addr = listener.local_addr().expect("addr");
         let seen = Arc::new(Mutex::new(Vec::new()));
-        let stop = Arc::new(AtomicBool::new(false));
-        let (key, model) = (key.to_owned(), model.to_owned());
-        {
-            let (seen, stop) = (Arc::clone(&seen), Arc::clone(&stop));
-            thread::spawn(move || {
-                for stream in listener.incoming() {
-                    if stop.load(Ordering::SeqCst) {
-                        return;
-                    }
-                    let Ok(stream) = stream else { continue };
-                    let (seen, key, model) = (Arc::clone(&seen), key.clone(), model.clone());
-                    thread::spawn(move || {
-                        let _ = serve_keyed(stream, &key, &model, broken, &seen);
-                    });
-                }
-            });
-        }
-        KeyedBackend {
-            addr,
-            url: format!("http://{addr}"),
-            seen,
-            stop,
-        }
+        let backend = {
+            let (seen, key, model) = (Arc::clone(&seen), key.to_owned(), model.to_owned());
+            FakeBackend::start(move |stream| {
+                let _ = serve_keyed(stream, &key, &model, broken, &seen);
+            })
+        };
+        KeyedBackend { backend, seen }
     }
 
     fn seen(&self) -> Vec<Seen> {
         self.seen.lock().expect("seen").clone()
-    }
-}
-
-impl Drop for KeyedBackend {
-    fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        // Wakes the accept loop so it sees the flag.
-        let _ = TcpStream::connect(self.addr);
     }
 }
 
@@ -449,7 +420,7 @@ fn serve_keyed(
 fn a_backend_that_requires_its_key_is_probed_and_served_with_it() {
     let backend = KeyedBackend::start("backend-secret", "strict-model");
     let config = toml(
-        &[(&backend.url, r#", api_key = "backend-secret""#)],
+        &[(&backend.backend.url, r#", api_key = "backend-secret""#)],
         "health_check_interval = 0.2\nbackend_metrics_interval = 0",
     );
     let router = start(test_dir("strict-backend"), &config, &[]);
@@ -537,7 +508,7 @@ fn keys_never_appear_in_logs_errors_or_status_output() {
             (&mock.url, &format!(", api_key = \"{BACKEND_KEY}\"")),
             (&dead, &format!(", api_key = \"{DEAD_BACKEND_KEY}\"")),
             (
-                &broken.url,
+                &broken.backend.url,
                 &format!(", api_key = \"{BROKEN_BACKEND_KEY}\""),
             ),
         ],
@@ -751,14 +722,11 @@ fn replace_file(path: &Path, text: &str) {
     std::fs::rename(&tmp, path).expect("rename");
 }
 
-fn status_with(router: &Router, auth: Option<&str>) -> u16 {
-    call(router, "POST", CHAT, auth, CHAT_BODY).status
-}
-
-#[test]
-fn the_key_file_is_reloaded_with_the_config() {
+/// A router in front of a mock whose only client key, `key-a`, is in `keys.txt`
+/// (`api_keys_file`), with the config checked every 0.2 s; returns the key file's path.
+fn key_file_router(name: &str) -> (Mock, Router, PathBuf) {
     let mock = Mock::start(&[]);
-    let dir = test_dir("key-file-reload");
+    let dir = test_dir(name);
     let keys = dir.join("keys.txt");
     std::fs::write(&keys, "key-a\n").expect("key file");
     let config = toml(
@@ -766,6 +734,16 @@ fn the_key_file_is_reloaded_with_the_config() {
         "api_keys_file = \"keys.txt\"\nconfig_reload_interval = 0.2",
     );
     let router = start(dir, &config, &[]);
+    (mock, router, keys)
+}
+
+fn status_with(router: &Router, auth: Option<&str>) -> u16 {
+    call(router, "POST", CHAT, auth, CHAT_BODY).status
+}
+
+#[test]
+fn the_key_file_is_reloaded_with_the_config() {
+    let (_mock, router, keys) = key_file_router("key-file-reload");
     let (a, b) = (bearer("key-a"), bearer("key-b"));
     assert_eq!(status_with(&router, Some(&a)), 200);
     assert_eq!(status_with(&router, Some(&b)), 401);
@@ -798,15 +776,7 @@ fn the_key_file_is_reloaded_with_the_config() {
 
 #[test]
 fn emptying_the_key_file_does_not_open_the_router() {
-    let mock = Mock::start(&[]);
-    let dir = test_dir("key-file-emptied");
-    let keys = dir.join("keys.txt");
-    std::fs::write(&keys, "key-a\n").expect("key file");
-    let config = toml(
-        &[(&mock.url, "")],
-        "api_keys_file = \"keys.txt\"\nconfig_reload_interval = 0.2",
-    );
-    let router = start(dir, &config, &[]);
+    let (mock, router, keys) = key_file_router("key-file-emptied");
     assert_eq!(status_with(&router, None), 401);
     let reloads = || {
         router

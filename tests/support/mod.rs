@@ -6,7 +6,7 @@
 
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -151,6 +151,49 @@ enum Limit {
 }
 
 const NOBODY: u32 = 65534;
+
+/// A backend written for one test, on 127.0.0.1: every connection it accepts goes to
+/// `serve` on a thread of its own. It stops accepting when dropped.
+pub struct FakeBackend {
+    pub addr: SocketAddr,
+    pub url: String,
+    stop: Arc<AtomicBool>,
+}
+
+impl FakeBackend {
+    pub fn start(serve: impl Fn(TcpStream) + Send + Sync + 'static) -> FakeBackend {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let stop = Arc::new(AtomicBool::new(false));
+        let serve = Arc::new(serve);
+        {
+            let stop = Arc::clone(&stop);
+            thread::spawn(move || {
+                for stream in listener.incoming() {
+                    if stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    let Ok(stream) = stream else { continue };
+                    let serve = Arc::clone(&serve);
+                    thread::spawn(move || serve(stream));
+                }
+            });
+        }
+        FakeBackend {
+            addr,
+            url: format!("http://{addr}"),
+            stop,
+        }
+    }
+}
+
+impl Drop for FakeBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        // Wakes the accept loop so it sees the flag.
+        let _ = TcpStream::connect(self.addr);
+    }
+}
 
 /// A running router, with its config file and logs in its own directory.
 pub struct Router {
