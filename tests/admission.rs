@@ -285,15 +285,7 @@ fn workers_start_as_requests_need_them() {
         &[(&mock.url, 64)],
         "worker_threads = 200",
     )));
-    let threads = || {
-        let status =
-            std::fs::read_to_string(format!("/proc/{}/status", router.pid())).expect("proc status");
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("Threads:"))
-            .and_then(|n| n.trim().parse::<u64>().ok())
-            .expect("thread count")
-    };
+    let threads = || crate::support::proc_status(router.pid(), "Threads");
     let idle = threads();
     assert!(
         idle < 60,

@@ -480,20 +480,10 @@ fn a_reply_cut_mid_body_never_looks_complete_to_an_http10_client_without_keep_al
     assert_eq!(resp.status, 200, "after {what}: {}", resp.text());
 }
 
-/// The resident set of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 #[test]
 fn an_endless_header_gets_a_502_soon_and_memory_stays_bounded() {
     let mut s = setup(Garbage::EndlessHeader);
-    let rss_before = rss_kib(s.router.pid());
+    let rss_before = crate::support::rss_kib(s.router.pid());
     for i in 1..=2 {
         let started = Instant::now();
         let mut conn = send_chat(s.router.addr, GARBAGE_MODEL, "HTTP/1.1");
@@ -509,7 +499,7 @@ fn an_endless_header_gets_a_502_soon_and_memory_stays_bounded() {
             s.fake.header_bytes.load(Ordering::SeqCst) / 1024
         );
     }
-    let grown = rss_kib(s.router.pid()).saturating_sub(rss_before);
+    let grown = crate::support::rss_kib(s.router.pid()).saturating_sub(rss_before);
     eprintln!("router RSS grew by {grown} KiB");
     assert!(grown < 16 * 1024, "the router grew by {grown} KiB");
     assert_eq!(s.fake.posts(), 2);

@@ -1021,21 +1021,11 @@ fn hostile_heads_and_bodies_get_clear_errors_and_never_reach_the_backend() {
     );
 }
 
-/// The resident set of process `pid`, in KiB.
-fn rss_kib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .expect("VmRSS")
-}
-
 #[test]
 fn a_huge_declared_body_is_refused_at_once() {
     let mock = Mock::start(&[]);
     let mut router = start(test_dir("huge-length"), &toml(&[(&mock.url, "")], ""), &[]);
-    let rss_before = rss_kib(router.pid());
+    let rss_before = crate::support::rss_kib(router.pid());
     let mut held = Vec::new();
     for target in [CHAT, "/v1/some/other/route"] {
         let mut conn = Conn::open(router.addr);
@@ -1066,7 +1056,7 @@ fn a_huge_declared_body_is_refused_at_once() {
         1,
         "only the normal request reached the backend"
     );
-    let grown = rss_kib(router.pid()).saturating_sub(rss_before);
+    let grown = crate::support::rss_kib(router.pid()).saturating_sub(rss_before);
     assert!(grown < 32 * 1024, "the router grew by {grown} KiB");
     router.assert_alive();
     drop(held);

@@ -152,6 +152,21 @@ enum Limit {
 
 const NOBODY: u32 = 65534;
 
+/// A number from `/proc/PID/status`: `Threads`, or `VmRSS` (in KiB).
+pub fn proc_status(pid: u32, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+}
+
+/// The resident set of process `pid`, in KiB.
+pub fn rss_kib(pid: u32) -> u64 {
+    proc_status(pid, "VmRSS")
+}
+
 /// A backend written for one test, on 127.0.0.1: every connection it accepts goes to
 /// `serve` on a thread of its own. It stops accepting when dropped.
 pub struct FakeBackend {
