@@ -71,6 +71,13 @@ pub struct Settings {
     pub shutdown_timeout: Duration,
     /// Client connections open at once; more are closed as soon as they are accepted.
     pub max_client_connections: usize,
+    /// Client connections open at once from one address; zero means no limit (behind
+    /// a load balancer every client has its address).
+    pub max_connections_per_ip: usize,
+    /// The largest request head (request line and fields) the router reads.
+    pub max_header_bytes: usize,
+    /// All request bodies held in memory at once.
+    pub max_buffered_body_bytes: u64,
     /// How long a connection may go without sending a whole request head: from its
     /// start, or from the end of its previous reply (an idle keep-alive connection).
     /// Above 60 s by default, as nginx's `keepalive_timeout`: a load balancer in front
@@ -126,6 +133,9 @@ impl Default for Settings {
             max_body_bytes: 32 * 1024 * 1024,
             shutdown_timeout: Duration::from_secs(30),
             max_client_connections: 4096,
+            max_connections_per_ip: 0,
+            max_header_bytes: 64 * 1024,
+            max_buffered_body_bytes: 128 * 1024 * 1024,
             client_idle_timeout: Duration::from_secs(75),
             client_body_timeout: Duration::from_secs(60),
             client_write_timeout: Duration::from_secs(60),
@@ -363,6 +373,15 @@ const KEYS: &[Key] = &[
     Key { name: "max_client_connections",
         set: |s, v| v.int(1, usize::MAX as u64).map(|n| s.max_client_connections = n as usize),
         show: |s| s.max_client_connections.to_string() },
+    Key { name: "max_connections_per_ip",
+        set: |s, v| v.int(0, usize::MAX as u64).map(|n| s.max_connections_per_ip = n as usize),
+        show: |s| match s.max_connections_per_ip { 0 => "0 (no limit)".into(), n => n.to_string() } },
+    Key { name: "max_header_bytes",
+        set: |s, v| v.int(1024, 1024 * 1024).map(|n| s.max_header_bytes = n as usize),
+        show: |s| s.max_header_bytes.to_string() },
+    Key { name: "max_buffered_body_bytes",
+        set: |s, v| v.int(1, u64::MAX).map(|n| s.max_buffered_body_bytes = n),
+        show: |s| s.max_buffered_body_bytes.to_string() },
     Key { name: "client_idle_timeout",
         set: |s, v| v.secs(POSITIVE).map(|d| s.client_idle_timeout = d),
         show: |s| secs(s.client_idle_timeout) },
@@ -457,6 +476,13 @@ fn document(root: &DeTable, text: &str, base: &Path) -> Result<(Vec<ServerConfig
     }
     let servers = servers.ok_or_else(|| Bad(None, NO_SERVERS.to_string()))?;
     check_tls(&mut settings, base)?;
+    if settings.max_buffered_body_bytes < settings.max_body_bytes {
+        let msg = format!(
+            "max_buffered_body_bytes ({}) must be at least max_body_bytes ({}): a body of the largest allowed size must fit",
+            settings.max_buffered_body_bytes, settings.max_body_bytes
+        );
+        return Err(Bad(None, msg));
+    }
     Ok((servers, settings))
 }
 

@@ -8,19 +8,19 @@
 use std::sync::Arc;
 
 use serde_json::json;
-use tiny_http::{Method, Request};
 
 use crate::admission::{BackendView, TableView};
 use crate::auth;
-use crate::clients::Ticket;
+use crate::client::reply;
+use crate::client::request::Request;
 use crate::error::RouterError;
 use crate::shared::Shared;
-use crate::wire;
 
 /// Answers the request if it is for one of the router's own paths; otherwise gives
-/// it back to be proxied.
-pub fn try_handle(request: Request, ticket: &Ticket, shared: &Arc<Shared>) -> Option<Request> {
-    let path = request.url().split('?').next().unwrap_or("").to_owned();
+/// it back to be proxied. A body sent to one of them is never read: the reply closes
+/// the connection (`Request::must_close`).
+pub fn try_handle(mut request: Request, shared: &Arc<Shared>) -> Option<Request> {
+    let path = request.head.path().to_owned();
     let answer: fn(&Shared) -> Answer = match path.as_str() {
         "/health" => |s| Answer::json(health(s)),
         "/livez" => |_| Answer::json((200, json!({ "status": "alive" }))),
@@ -36,34 +36,28 @@ pub fn try_handle(request: Request, ticket: &Ticket, shared: &Arc<Shared>) -> Op
         "/metrics" | "/load-stats" => config.settings.protect_status_endpoints,
         _ => false,
     };
-    let presented = request.headers().get("Authorization").map(|v| v.as_str());
     let refused = needs_key
-        && shared.client_keys(&config).next().is_some()
-        && !auth::authorized(presented, shared.client_keys(&config));
-    let unread_body = wire::declares_body(&request);
+        && !auth::authorized(
+            request.head.header("authorization"),
+            shared.client_keys(&config),
+        )
+        && shared.client_keys(&config).next().is_some();
     let result = if refused {
         shared
             .metrics
             .observe_rejection(RouterError::Unauthorized.code());
-        wire::send_error(
-            request,
-            ticket,
-            &RouterError::Unauthorized,
-            &[],
-            unread_body,
-        )
-        .map(|_| ())
-    } else if matches!(request.method(), Method::Get | Method::Head) {
+        reply::send_error(&mut request, &RouterError::Unauthorized, &[]).map(|_| ())
+    } else if matches!(request.head.method.as_str(), "GET" | "HEAD") {
         let Answer {
             status,
             content_type,
             body,
         } = answer(shared);
         let headers = [("Content-Type".to_owned(), content_type.to_owned())];
-        wire::send_full(request, ticket, status, &headers, &body, unread_body)
+        reply::send_full(&mut request, status, &headers, &body)
     } else {
         let err = RouterError::MethodNotAllowed { allow: "GET, HEAD" };
-        wire::send_error(request, ticket, &err, &[], unread_body).map(|_| ())
+        reply::send_error(&mut request, &err, &[]).map(|_| ())
     };
     if let Err(e) = result {
         log::debug!("could not answer {path}: {e}");

@@ -11,6 +11,7 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::admission::Rejection;
+use crate::client::head::HeadError;
 
 /// An error the router answers itself, before or instead of a backend reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,8 +36,16 @@ pub enum RouterError {
     BodyTimeout { limit: Duration },
     /// No valid client API key.
     Unauthorized,
-    /// The request head is over the router's caps (header bytes or count).
-    HeadersTooLarge,
+    /// The request head is over the router's caps (`max_header_bytes` or the field count).
+    HeadersTooLarge { limit: usize },
+    /// Request bodies held at once are at `max_buffered_body_bytes`.
+    BodyBudget,
+    /// An HTTP version other than 1.0 and 1.1.
+    VersionNotSupported(String),
+    /// An `Expect` other than `100-continue`.
+    ExpectationFailed(String),
+    /// A WebSocket upgrade, which the router does not proxy.
+    UpgradeRefused,
     /// The request target is over the router's cap.
     UriTooLong,
     /// A method the router does not relay (CONNECT, TRACE, extension methods).
@@ -57,7 +66,11 @@ impl RouterError {
             RouterError::QueueFull { .. }
             | RouterError::QueueTimeout { .. }
             | RouterError::NoBackend
-            | RouterError::ShuttingDown => 503,
+            | RouterError::ShuttingDown
+            | RouterError::BodyBudget => 503,
+            RouterError::VersionNotSupported(_) => 505,
+            RouterError::ExpectationFailed(_) => 417,
+            RouterError::UpgradeRefused => 400,
             RouterError::BodyTooLarge { .. } => 413,
             RouterError::UnknownModel(_) => 404,
             RouterError::BadRequest(_) => 400,
@@ -66,7 +79,7 @@ impl RouterError {
             RouterError::ClientClosed => 499,
             RouterError::BodyTimeout { .. } => 408,
             RouterError::Unauthorized => 401,
-            RouterError::HeadersTooLarge => 431,
+            RouterError::HeadersTooLarge { .. } => 431,
             RouterError::UriTooLong => 414,
             RouterError::MethodNotImplemented(_) => 501,
             RouterError::MethodNotAllowed { .. } => 405,
@@ -82,10 +95,14 @@ impl RouterError {
             RouterError::QueueFull { .. }
             | RouterError::QueueTimeout { .. }
             | RouterError::NoBackend
-            | RouterError::ShuttingDown => "server_overloaded",
+            | RouterError::ShuttingDown
+            | RouterError::BodyBudget => "server_overloaded",
             RouterError::BodyTooLarge { .. }
             | RouterError::Unauthorized
-            | RouterError::HeadersTooLarge
+            | RouterError::VersionNotSupported(_)
+            | RouterError::ExpectationFailed(_)
+            | RouterError::UpgradeRefused
+            | RouterError::HeadersTooLarge { .. }
             | RouterError::UriTooLong
             | RouterError::MethodNotImplemented(_)
             | RouterError::UnknownModel(_)
@@ -111,7 +128,11 @@ impl RouterError {
             RouterError::ClientClosed => "client_closed_request",
             RouterError::BodyTimeout { .. } => "request_timeout",
             RouterError::Unauthorized => "invalid_api_key",
-            RouterError::HeadersTooLarge => "headers_too_large",
+            RouterError::HeadersTooLarge { .. } => "headers_too_large",
+            RouterError::BodyBudget => "body_memory_full",
+            RouterError::VersionNotSupported(_) => "http_version_not_supported",
+            RouterError::ExpectationFailed(_) => "expectation_failed",
+            RouterError::UpgradeRefused => "upgrade_not_supported",
             RouterError::UriTooLong => "uri_too_long",
             RouterError::MethodNotImplemented(_) => "method_not_implemented",
             RouterError::MethodNotAllowed { .. } => "method_not_allowed",
@@ -138,7 +159,8 @@ impl RouterError {
             RouterError::QueueFull { .. }
             | RouterError::QueueTimeout { .. }
             | RouterError::NoBackend
-            | RouterError::ShuttingDown => Some(1),
+            | RouterError::ShuttingDown
+            | RouterError::BodyBudget => Some(1),
             _ => None,
         }
     }
@@ -192,16 +214,29 @@ impl fmt::Display for RouterError {
                 f,
                 "missing or invalid API key; send it as Authorization: Bearer <key>"
             ),
-            RouterError::HeadersTooLarge => write!(
+            RouterError::HeadersTooLarge { limit } => write!(
                 f,
-                "request headers are too large (at most {} headers and {} bytes)",
-                crate::headers::MAX_HEADERS,
-                crate::headers::MAX_HEADER_BYTES
+                "the request head is too large (at most {} header fields and {limit} bytes, max_header_bytes)",
+                crate::client::head::MAX_FIELDS,
             ),
             RouterError::UriTooLong => write!(
                 f,
                 "request target is longer than {} bytes",
-                crate::headers::MAX_TARGET_BYTES
+                crate::client::head::MAX_TARGET_BYTES
+            ),
+            RouterError::BodyBudget => write!(
+                f,
+                "the router holds as many request bodies as its memory budget allows (max_buffered_body_bytes); retry shortly"
+            ),
+            RouterError::VersionNotSupported(version) => {
+                write!(f, "{version} is not supported; send HTTP/1.1")
+            }
+            RouterError::ExpectationFailed(value) => {
+                write!(f, "Expect: {value} is not supported; only 100-continue is")
+            }
+            RouterError::UpgradeRefused => write!(
+                f,
+                "WebSocket upgrades are not proxied by this router; send plain HTTP requests"
             ),
             RouterError::MethodNotImplemented(method) => {
                 write!(f, "method {method:?} is not supported by the router")
@@ -221,6 +256,21 @@ impl fmt::Display for RouterError {
 }
 
 impl std::error::Error for RouterError {}
+
+impl RouterError {
+    /// The reply to a head the router refused while reading it.
+    pub fn of_head(err: HeadError, max_header_bytes: usize) -> RouterError {
+        match err {
+            HeadError::Malformed(why) => RouterError::BadRequest(why),
+            HeadError::TooLarge => RouterError::HeadersTooLarge {
+                limit: max_header_bytes,
+            },
+            HeadError::TargetTooLong => RouterError::UriTooLong,
+            HeadError::Version(version) => RouterError::VersionNotSupported(version),
+            HeadError::Expectation(value) => RouterError::ExpectationFailed(value),
+        }
+    }
+}
 
 impl From<Rejection> for RouterError {
     fn from(r: Rejection) -> Self {
@@ -303,7 +353,31 @@ mod tests {
         );
         check(RouterError::Internal, 500, "internal_error", None);
         check(RouterError::Unauthorized, 401, "invalid_api_key", None);
-        check(RouterError::HeadersTooLarge, 431, "headers_too_large", None);
+        check(
+            RouterError::HeadersTooLarge { limit: 65536 },
+            431,
+            "headers_too_large",
+            None,
+        );
+        check(RouterError::BodyBudget, 503, "body_memory_full", Some(1));
+        check(
+            RouterError::VersionNotSupported("HTTP/2.0".into()),
+            505,
+            "http_version_not_supported",
+            None,
+        );
+        check(
+            RouterError::ExpectationFailed("x".into()),
+            417,
+            "expectation_failed",
+            None,
+        );
+        check(
+            RouterError::UpgradeRefused,
+            400,
+            "upgrade_not_supported",
+            None,
+        );
         check(RouterError::UriTooLong, 414, "uri_too_long", None);
         check(
             RouterError::MethodNotImplemented("TRACE".into()),

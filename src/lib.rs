@@ -1,12 +1,12 @@
 //! vllm-router: a synchronous thread-pool proxy in front of vLLM OpenAI-compatible
 //! servers. ARCHITECTURE.md is the map; each module's doc says what it owns.
-#![deny(unsafe_code)] // the exceptions (clients, headers, server) say why where they allow it
+#![deny(unsafe_code)] // the exceptions (client::watch, server) say why where they allow it
 
 pub mod access;
 pub mod admission;
 pub mod auth;
 pub mod cli;
-pub mod clients;
+pub mod client;
 pub mod config;
 pub mod endpoints;
 pub mod error;
@@ -21,4 +21,3 @@ pub mod shared;
 pub mod signals;
 pub mod tls;
 pub mod upstream;
-pub mod wire;

@@ -126,11 +126,6 @@ fn run(args: RunArgs, env: &dyn Fn(&str) -> Option<String>) -> ExitCode {
     // the code around it decides what happens next.
     std::panic::set_hook(Box::new(|info| {
         let thread = std::thread::current();
-        // tiny_http panics when it runs out of file descriptors while accepting; the
-        // accept loop reports that itself, at most every few seconds.
-        if thread.name() == Some(server::ACCEPT_THREAD) {
-            return;
-        }
         log::error!(
             "panic on thread {}: {info}",
             thread.name().unwrap_or("unnamed")

@@ -14,18 +14,18 @@ use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tiny_http::Request;
 use ureq::http;
 
 use crate::access::{self, Access};
 use crate::admission::{Limits, Slot, Want};
 use crate::auth;
-use crate::clients::Ticket;
+use crate::client::registry::Ticket;
+use crate::client::reply::{self, BodyWriter, Framing};
+use crate::client::request::{BodyLimits, Request};
 use crate::config::Config;
 use crate::error::RouterError;
 use crate::headers;
 use crate::shared::Shared;
-use crate::wire::{self, BodyWriter, ClientConn, Framing};
 
 /// Connecting to a backend on the same network takes milliseconds; a backend that
 /// does not accept within this is treated as down rather than waited for.
@@ -36,9 +36,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 /// one for its whole life, so the size counts at 1000 streams (4 MiB at 4 KiB).
 const READ_BUF: usize = 4 * 1024;
 
-/// The largest reply read whole for an HTTP/1.0 client, which gets a Content-Length.
-const MAX_BUFFERED: u64 = 64 * 1024 * 1024;
-
 /// How relaying a reply ended.
 enum End {
     Complete,
@@ -48,70 +45,60 @@ enum End {
     BackendBroke(String),
 }
 
-/// Handles one proxied request to its end, and writes its access-log entry.
-pub fn handle(request: Request, ticket: &Ticket, shared: &Arc<Shared>) {
-    let client_id = request
-        .headers()
-        .get(access::REQUEST_ID_HEADER)
-        .map(|v| v.as_str().to_owned());
+/// Handles one proxied request to its end, and writes its access-log entry. The
+/// request, and with it the connection, goes back to its connection thread only after
+/// the entry is written: a keep-alive client's next request then never finds this
+/// worker still busy logging.
+pub fn handle(mut request: Request, shared: &Arc<Shared>) {
     let mut access = Access::start(
-        request.method().as_str(),
-        request.url(),
-        client_id.as_deref(),
+        &request.head.method,
+        &request.head.target,
+        request.head.header(access::REQUEST_ID_HEADER),
     );
-    // The backend connection the request uses is recorded, so that the janitor can stop
-    // it when the client leaves (`Ticket::client_left`).
-    ticket
-        .backend_call()
-        .during(|| proxy(request, ticket, shared, &mut access));
+    // The backend connection the request uses is recorded, so that the watcher can
+    // stop it when the client leaves (`Conn::mark_client_left`).
+    let call = Arc::clone(request.ticket().backend_call());
+    call.during(|| proxy(&mut request, shared, &mut access));
     let known_model = access
         .model
         .as_deref()
         .is_some_and(|m| shared.table.is_known_model(m));
     shared.metrics.observe_request(&access, known_model);
     access.finish();
+    drop(request);
 }
 
-fn proxy(mut request: Request, ticket: &Ticket, shared: &Arc<Shared>, access: &mut Access) {
+fn proxy(request: &mut Request, shared: &Arc<Shared>, access: &mut Access) {
     let config = shared.config();
-    let client_headers = headers::client_headers(request.headers());
-    if let Err(err) = check_head(&request, &client_headers) {
-        return reject(request, ticket, &err, access, true);
+    let settings = &config.settings;
+    let method = request.head.method.clone();
+    if !headers::relayed_method(&method) {
+        return reject(request, &RouterError::MethodNotImplemented(method), access);
     }
     let auth_on = shared.client_keys(&config).next().is_some();
-    let presented = request.headers().get("Authorization").map(|v| v.as_str());
+    let presented = request.head.header("authorization");
     if auth_on && !auth::authorized(presented, shared.client_keys(&config)) {
-        return reject(request, ticket, &RouterError::Unauthorized, access, true);
+        return reject(request, &RouterError::Unauthorized, access);
     }
-    let target = request.url().to_owned();
-    let reading = ticket.reading_body();
-    let body = read_body(
-        &mut request,
-        &client_headers,
-        config.settings.max_body_bytes,
-    );
-    drop(reading);
-    let body = match body {
+    let limits = BodyLimits {
+        max_bytes: settings.max_body_bytes,
+        budget: settings.max_buffered_body_bytes,
+        timeout: settings.client_body_timeout,
+    };
+    let body = match request.read_body(limits, &shared.budget) {
         Ok(body) => body,
-        // The janitor closed the connection under the read: the reply cannot reach
-        // the client, but the access log shows why.
-        Err(_) if ticket.timed_out() => {
-            let limit = config.settings.client_body_timeout;
-            return reject(
-                request,
-                ticket,
-                &RouterError::BodyTimeout { limit },
-                access,
-                false,
-            );
-        }
-        Err(err) => return reject(request, ticket, &err, access, true),
+        Err(err) => return reject(request, &err, access),
     };
-    access.model = match requested_model(&access.method, &target, &body) {
+    let target = request.head.target.clone();
+    access.model = match requested_model(&method, &target, &body) {
         Ok(model) => model,
-        Err(err) => return reject(request, ticket, &err, access, false),
+        Err(err) => return reject(request, &err, access),
     };
-    let mut upstream = headers::upstream_headers(&client_headers);
+    let mut upstream = headers::upstream_headers(
+        &request.head.headers,
+        request.peer().ip(),
+        request.is_secure(),
+    );
     if auth_on {
         // The client's key is for the router; it never reaches a backend.
         upstream.retain(|(name, _)| !name.eq_ignore_ascii_case("authorization"));
@@ -121,11 +108,10 @@ fn proxy(mut request: Request, ticket: &Ticket, shared: &Arc<Shared>, access: &m
         access::REQUEST_ID_HEADER.to_owned(),
         access.request_id.clone(),
     ));
-    let method = access.method.clone();
     let exchange = Exchange {
         shared,
         config: &config,
-        ticket,
+        ticket: request.ticket().clone(),
         method: &method,
         target: &target,
         headers: &upstream,
@@ -137,11 +123,11 @@ fn proxy(mut request: Request, ticket: &Ticket, shared: &Arc<Shared>, access: &m
     };
     let (slot, response) = match exchange.forward(want, &mut access.retries) {
         Ok(sent) => sent,
-        Err(err) => return reject(request, ticket, &err, access, false),
+        Err(err) => return reject(request, &err, access),
     };
     access.backend = Some(slot.backend_url().to_owned());
     access.queue_wait = slot.queued_for;
-    let end = relay_response(request, ticket, response, access);
+    let end = relay_response(request, response, access);
     access.outcome = match &end {
         End::Complete => {
             if !is_backend_failure(access.status) {
@@ -150,8 +136,8 @@ fn proxy(mut request: Request, ticket: &Ticket, shared: &Arc<Shared>, access: &m
             "complete"
         }
         End::ClientGone => "client_gone",
-        // The janitor stopped the backend connection: not the backend's fault.
-        End::BackendBroke(_) if ticket.client_left() => "client_gone",
+        // The watcher stopped the backend connection: not the backend's fault.
+        End::BackendBroke(_) if exchange.ticket.client_left() => "client_gone",
         End::BackendBroke(why) => {
             exchange.record_failure(&slot, why);
             "backend_broke"
@@ -159,30 +145,10 @@ fn proxy(mut request: Request, ticket: &Ticket, shared: &Arc<Shared>, access: &m
     };
 }
 
-/// The method, target length and header caps, checked before anything else.
-fn check_head(request: &Request, client_headers: &[(String, String)]) -> Result<(), RouterError> {
-    let method = request.method().as_str();
-    if !headers::relayed_method(method) {
-        return Err(RouterError::MethodNotImplemented(method.to_owned()));
-    }
-    let target = request.url();
-    if target.len() > headers::MAX_TARGET_BYTES {
-        return Err(RouterError::UriTooLong);
-    }
-    if !target.starts_with('/') {
-        return Err(RouterError::BadRequest(format!(
-            "request target {target:?} must be a path starting with /"
-        )));
-    }
-    if !headers::head_within_caps(client_headers) {
-        return Err(RouterError::HeadersTooLarge);
-    }
-    Ok(())
-}
-
 /// Routes whose POST body is a JSON object that may name the `model`.
 const MODEL_ROUTES: &[&str] = &[
     "/v1/chat/completions",
+    "/v1/messages",
     "/v1/completions",
     "/v1/embeddings",
     "/v1/responses",
@@ -211,7 +177,12 @@ pub fn requested_model(
         model: Option<serde_json::Value>,
     }
     let path = target.split('?').next().unwrap_or("");
-    let needs_json = method == "POST" && MODEL_ROUTES.contains(&path);
+    // A trailing slash reaches the same handler on a vLLM (FastAPI redirects it).
+    let route = path
+        .strip_suffix('/')
+        .filter(|p| !p.is_empty())
+        .unwrap_or(path);
+    let needs_json = method == "POST" && MODEL_ROUTES.contains(&route);
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first != Some(&b'{') {
         return if needs_json {
@@ -238,7 +209,7 @@ pub fn requested_model(
 struct Exchange<'a> {
     shared: &'a Shared,
     config: &'a Config,
-    ticket: &'a Ticket,
+    ticket: Ticket,
     method: &'a str,
     target: &'a str,
     headers: &'a [(String, String)],
@@ -310,7 +281,7 @@ impl Exchange<'_> {
             max_queue_size: settings.max_queue_size,
             queue_timeout: settings.queue_timeout,
         };
-        let ticket = self.ticket;
+        let ticket = &self.ticket;
         let slot = self
             .shared
             .table
@@ -415,15 +386,8 @@ impl SendFailure {
     }
 }
 
-/// Answers with one of the router's own errors. `unread_body`: the request was
-/// refused before its body was read (see `wire::send_full`).
-fn reject(
-    request: Request,
-    ticket: &Ticket,
-    err: &RouterError,
-    access: &mut Access,
-    unread_body: bool,
-) {
+/// Answers with one of the router's own errors.
+fn reject(request: &mut Request, err: &RouterError, access: &mut Access) {
     access.status = err.status();
     access.outcome = err.code();
     if err.is_rejection() {
@@ -439,46 +403,13 @@ fn reject(
     if let RouterError::BadGateway { backend, .. } | RouterError::GatewayTimeout { backend } = err {
         access.backend = Some(backend.clone());
     }
-    let unread_body = unread_body && wire::declares_body(&request);
-    match wire::send_error(request, ticket, err, &id, unread_body) {
+    match reply::send_error(request, err, &id) {
         Ok(bytes) => {
             access.first_byte = Some(Instant::now());
             access.bytes_out = bytes;
         }
         Err(e) => log::debug!("could not send the error reply: {e}"),
     }
-}
-
-/// Reads the whole request body, refusing framing that the router and the backend
-/// could read differently and bodies over `max_body_bytes`. The body is held in memory
-/// so it is forwarded byte for byte with an exact Content-Length.
-fn read_body(
-    request: &mut Request,
-    client_headers: &[(String, String)],
-    limit: u64,
-) -> Result<Vec<u8>, RouterError> {
-    let declared = headers::declared_length(client_headers).map_err(RouterError::BadRequest)?;
-    if declared.is_some_and(|len| len > limit) {
-        // Refused before reading: nothing of a huge body is buffered.
-        return Err(RouterError::BodyTooLarge { limit });
-    }
-    let mut body = Vec::with_capacity(declared.unwrap_or(0).min(64 * 1024) as usize);
-    let read = request
-        .as_reader()
-        .take(limit.saturating_add(1))
-        .read_to_end(&mut body)
-        .map_err(|e| RouterError::BadRequest(format!("could not read the request body: {e}")))?;
-    if read as u64 > limit {
-        return Err(RouterError::BodyTooLarge { limit });
-    }
-    // tiny_http ends a Content-Length body early, without an error, when the client
-    // closes: forwarding it would send the backend a cut prompt.
-    if let Some(declared) = declared.filter(|&n| n != read as u64) {
-        return Err(RouterError::BadRequest(format!(
-            "the request body ended after {read} of its {declared} bytes"
-        )));
-    }
-    Ok(body)
 }
 
 fn backend_error(backend: &str, err: ureq::Error) -> RouterError {
@@ -498,13 +429,22 @@ fn backend_error(backend: &str, err: ureq::Error) -> RouterError {
 /// Relays the backend's response: its status and headers as they are, then the body,
 /// each backend read flushed to the client as one chunk.
 fn relay_response(
-    request: Request,
-    ticket: &Ticket,
+    request: &mut Request,
     response: http::Response<ureq::Body>,
     access: &mut Access,
 ) -> End {
-    let conn = ClientConn::of(&request);
     let status = response.status().as_u16();
+    if (100..200).contains(&status) {
+        // An interim reply the router did not ask for (a 101 to an upgrade it never
+        // forwards): relayed as a final reply it would leave the client waiting.
+        let reason = format!("the backend answered {status}, an interim reply, as its final one");
+        let err = RouterError::BadGateway {
+            backend: access.backend.clone().unwrap_or_default(),
+            reason: reason.clone(),
+        };
+        reject(request, &err, access);
+        return End::BackendBroke(reason);
+    }
     access.status = status;
     let backend_headers: Vec<(String, String)> = response
         .headers()
@@ -530,20 +470,22 @@ fn relay_response(
     }
     let mut reader = response.into_body().into_reader();
 
-    let no_body =
-        conn.head_request || status == 204 || status == 304 || (100..200).contains(&status);
-    let framing = if no_body {
-        Some(Framing::None)
-    } else {
-        conn.streaming_framing()
-    };
-    let Some(framing) = framing else {
-        return relay_buffered(request, ticket, status, &out_headers, &mut reader, access);
-    };
+    let no_body = request.head.method == "HEAD" || status == 204 || status == 304;
     let declared: Option<u64> =
         headers::find(&backend_headers, "content-length").and_then(|v| v.trim().parse().ok());
+    let framing = if no_body {
+        Framing::None
+    } else {
+        Framing::for_client(request.head.version, declared)
+    };
     let mut received = 0u64;
-    let mut writer = BodyWriter::start(request, ticket, conn, status, &out_headers, framing);
+    let call = Arc::clone(request.ticket().backend_call());
+    let mut writer = BodyWriter::start(request, status, &out_headers, framing);
+    // A reply of unknown length is a stream, or may be: its head goes out now, as the
+    // backend sent it, not with the first token.
+    if declared.is_none() && !no_body && writer.flush_head().is_err() {
+        return End::ClientGone;
+    }
     let mut buf = vec![0u8; READ_BUF];
     let end = loop {
         let n = if no_body {
@@ -553,11 +495,12 @@ fn relay_response(
         };
         match n {
             Ok(0) => {
+                call.forget();
                 break if writer.finish_body().is_ok() {
                     End::Complete
                 } else {
                     End::ClientGone
-                }
+                };
             }
             // A failed write means the client left. Returning drops `reader` half-read,
             // which closes the backend connection: vLLM sees the disconnect and stops
@@ -581,39 +524,4 @@ fn relay_response(
     access.bytes_out = writer.bytes_out();
     access.first_byte = writer.first_byte();
     end
-}
-
-/// HTTP/1.0 clients get their reply read whole first (up to `MAX_BUFFERED`) and sent
-/// with a Content-Length, so a backend that breaks off becomes a 502, never a reply
-/// that looks complete. Everyone else gets the body as it arrives.
-fn relay_buffered(
-    request: Request,
-    ticket: &Ticket,
-    status: u16,
-    headers: &[(String, String)],
-    reader: &mut impl Read,
-    access: &mut Access,
-) -> End {
-    let mut body = Vec::new();
-    let failure = match reader.take(MAX_BUFFERED + 1).read_to_end(&mut body) {
-        Ok(n) if n as u64 > MAX_BUFFERED => Some(format!(
-            "reply larger than {MAX_BUFFERED} bytes for an HTTP/1.0 client"
-        )),
-        Ok(_) => None,
-        Err(e) => Some(format!("reply broke off: {e}")),
-    };
-    if let Some(reason) = failure {
-        let err = RouterError::BadGateway {
-            backend: access.backend.clone().unwrap_or_default(),
-            reason: reason.clone(),
-        };
-        reject(request, ticket, &err, access, false);
-        return End::BackendBroke(reason);
-    }
-    if wire::send_full(request, ticket, status, headers, &body, false).is_err() {
-        return End::ClientGone;
-    }
-    access.first_byte = Some(Instant::now());
-    access.bytes_out = body.len() as u64;
-    End::Complete
 }

@@ -8,7 +8,8 @@
 //! | agents     | `admission`, one in each backend's entry    | `relay`, health probes      |
 //! | `metrics`  | workers, health and reload threads (counts) | `/metrics`                  |
 //! | `draining` | the signal handler, once                    | `/readyz`, workers          |
-//! | `clients`  | accept and connection threads, workers (see `clients`) | the janitor, `/metrics` |
+//! | `clients`  | accept and connection threads, workers, the watcher (see `client::registry`) | `/metrics` |
+//! | `budget`   | workers, as they read and drop request bodies | workers |
 //!
 //! The agents, ureq's HTTP clients (`upstream`), live in the `table`: each backend's is
 //! made with its entry (at start, or when a reload adds the server) and goes with it.
@@ -24,7 +25,8 @@ use parking_lot::RwLock;
 
 use crate::admission::Table;
 use crate::auth::Secret;
-use crate::clients::Clients;
+use crate::client::budget::Budget;
+use crate::client::registry::Clients;
 use crate::config::Config;
 use crate::metrics::Metrics;
 use crate::upstream::AgentConfig;
@@ -35,6 +37,8 @@ pub struct Shared {
     pub table: Arc<Table>,
     pub metrics: Metrics,
     pub clients: Arc<Clients>,
+    /// The request bodies held in memory (`max_buffered_body_bytes`).
+    pub budget: Arc<Budget>,
     pub started: Instant,
     draining: AtomicBool,
 }
@@ -51,6 +55,7 @@ impl Shared {
             table,
             metrics: Metrics::default(),
             clients: Clients::new(),
+            budget: Budget::new(),
             started: Instant::now(),
             draining: AtomicBool::new(false),
         }))

@@ -1,25 +1,70 @@
-//! TLS, in builds with the `tls` feature: the listener's certificate and key
-//! (tiny_http with rustls), and the roots trusted for https:// backends (ureq with
-//! rustls). Both sides use one rustls crypto provider, aws-lc-rs, which tiny_http's
-//! rustls brings in anyway. Without the feature, `config` refuses the TLS keys, so
-//! these functions are never asked for TLS.
-
-use std::path::Path;
+//! TLS, in builds with the `tls` feature: the listener's certificate and key (rustls,
+//! on the sockets the router owns: the handshake runs on the connection's own
+//! thread, see `client::connection`), and the roots trusted for https:// backends
+//! (ureq with rustls). Both sides use one rustls crypto provider, aws-lc-rs. Without
+//! the feature, `config` refuses the TLS keys, so these functions are never asked for
+//! TLS.
 
 use crate::config::Settings;
 
+/// What the listener serves HTTPS with.
+#[cfg(feature = "tls")]
+pub type Identity = std::sync::Arc<rustls::ServerConfig>;
+
+/// Without the `tls` feature there is no identity to serve with.
+#[cfg(not(feature = "tls"))]
+pub enum Identity {}
+
 /// The listener's TLS identity, when `tls_cert_file` and `tls_key_file` are set.
-pub fn server_identity(settings: &Settings) -> Result<Option<tiny_http::SslConfig>, String> {
+#[cfg(feature = "tls")]
+pub fn server_identity(settings: &Settings) -> Result<Option<Identity>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use std::sync::Arc;
+
     let (Some(cert), Some(key)) = (&settings.tls_cert_file, &settings.tls_key_file) else {
         return Ok(None);
     };
-    let read = |what: &str, path: &Path| {
+    let read = |what: &str, path: &std::path::Path| {
         std::fs::read(path).map_err(|e| format!("cannot read {what} {}: {e}", path.display()))
     };
-    Ok(Some(tiny_http::SslConfig::load_from_mem(
-        read("tls_cert_file", cert)?,
-        read("tls_key_file", key)?,
-    )))
+    let cert_pem = read("tls_cert_file", cert)?;
+    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("tls_cert_file {} is not valid PEM: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!(
+            "tls_cert_file {} holds no certificate",
+            cert.display()
+        ));
+    }
+    let key_der = PrivateKeyDer::from_pem_slice(&read("tls_key_file", key)?).map_err(|e| {
+        format!(
+            "tls_key_file {} holds no usable private key: {e}",
+            key.display()
+        )
+    })?;
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("cannot set up TLS: {e}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key_der)
+        .map_err(|e| {
+            format!(
+                "tls_cert_file {} and tls_key_file {} do not make a usable identity: {e}",
+                cert.display(),
+                key.display()
+            )
+        })?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Some(Arc::new(config)))
+}
+
+/// Without the `tls` feature `config` refuses the TLS keys, so there is never one.
+#[cfg(not(feature = "tls"))]
+pub fn server_identity(_settings: &Settings) -> Result<Option<Identity>, String> {
+    Ok(None)
 }
 
 /// The TLS settings of the backend client: the certificates of `tls_ca_file` as the

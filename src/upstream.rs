@@ -18,7 +18,7 @@
 //!
 //! Each agent's connections come from ureq's own connectors, wrapped (`Tracking`) so
 //! that the request using a connection can have it stopped from another thread
-//! (`Call`): the janitor does that when the client leaves.
+//! (`Call`): the watcher does that when the client leaves.
 
 use std::cell::RefCell;
 use std::sync::{Arc, Weak};
@@ -194,7 +194,7 @@ mod tests {
 /// request whose connection closes.
 ///
 /// Written by the worker's own reads and writes (through `Tracked`, while the worker
-/// runs inside `Call::during`); shut down by the janitor (`clients`).
+/// runs inside `Call::during`); shut down by the watcher (`client::watch`).
 #[derive(Default)]
 pub struct Call(Mutex<Option<Weak<dyn ShutdownHandle>>>);
 
@@ -208,6 +208,13 @@ impl Call {
         CURRENT.with(|current| *current.borrow_mut() = None);
         *self.0.lock() = None;
         result
+    }
+
+    /// Forgets the connection once the whole reply has been read from it: ureq has
+    /// put it back in its pool for another request, and a client closing its
+    /// connection after reading its reply must not stop it there.
+    pub fn forget(&self) {
+        *self.0.lock() = None;
     }
 
     /// Stops the backend connection in use, if any.

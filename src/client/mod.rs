@@ -1,0 +1,23 @@
+//! The client side: a connection from accept to close, on sockets the router owns.
+//!
+//! - `connection`: the socket (plain or TLS), its capped read buffer, the client
+//!   timeouts, and the graceful close.
+//! - `head`: parsing a request head, strictly; `chunked`: decoding a chunked body.
+//! - `request`: a request as a worker holds it, reading its body, and whether its
+//!   connection can carry another.
+//! - `reply`: writing replies, the only code that knows response framing.
+//! - `budget`: the memory all request bodies held at once may take.
+//! - `registry`: the open connections (caps in all and per address) and what a
+//!   connection's threads share; `watch`: noticing clients that leave.
+//!
+//! The accept loop, the connection threads and the worker pool that drive these are in
+//! `server`.
+
+pub mod budget;
+pub mod chunked;
+pub mod connection;
+pub mod head;
+pub mod registry;
+pub mod reply;
+pub mod request;
+pub mod watch;

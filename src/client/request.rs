@@ -1,0 +1,262 @@
+//! A request as a worker holds it: its head, its connection (lent by the connection
+//! thread), and what has happened on that connection since the head, which decides
+//! whether it can carry another request.
+//!
+//! A connection is reused only when its request's body was read whole under valid
+//! framing and its reply was complete and delimited. Every other ending (a refusal
+//! before the body, a framing error, a reply cut off) closes it, so bytes the router
+//! has not read as a body are never read as the next request.
+//!
+//! Dropping the `Request` gives the connection back to its thread, however the
+//! request ended; one dropped while a panic unwinds first answers 500 if nothing was
+//! written yet.
+
+use std::net::SocketAddr;
+use std::ops::Deref;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::client::budget::{self, Budget, Share};
+use crate::client::chunked::Decoder;
+use crate::client::connection::{is_timeout, Connection};
+use crate::client::head::{Framing, Head, Version};
+use crate::client::registry::{Returned, Ticket};
+use crate::client::reply;
+use crate::error::RouterError;
+
+/// What the request may hold and how long its body may take.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyLimits {
+    /// `max_body_bytes`.
+    pub max_bytes: u64,
+    /// `max_buffered_body_bytes`: all bodies held at once.
+    pub budget: u64,
+    /// `client_body_timeout`, from the end of the head.
+    pub timeout: Duration,
+}
+
+/// A request body read whole, counted in the body budget until it drops.
+pub struct Body {
+    bytes: Vec<u8>,
+    _share: Option<Share>,
+}
+
+impl Body {
+    fn empty() -> Body {
+        Body {
+            bytes: Vec::new(),
+            _share: None,
+        }
+    }
+}
+
+impl Deref for Body {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes
+    }
+}
+
+/// One request and the connection it came on.
+pub struct Request {
+    pub head: Head,
+    /// `Some` until given back, in `drop`.
+    connection: Option<Connection>,
+    ticket: Ticket,
+    /// When the head was read: the start of the body's clock.
+    received: Instant,
+    /// The body has been read whole, or there is none.
+    body_read: bool,
+    /// A reply head has been written, or is being.
+    replied: bool,
+    /// The reply said `Connection: close`.
+    reply_closes: bool,
+    /// The reply ended properly.
+    reply_done: bool,
+}
+
+impl Request {
+    pub fn new(head: Head, connection: Connection, ticket: Ticket) -> Request {
+        Request {
+            body_read: !head.has_body(),
+            head,
+            connection: Some(connection),
+            ticket,
+            received: Instant::now(),
+            replied: false,
+            reply_closes: false,
+            reply_done: false,
+        }
+    }
+
+    pub fn ticket(&self) -> &Ticket {
+        &self.ticket
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.ticket.peer()
+    }
+
+    pub fn is_secure(&self) -> bool {
+        self.connection.as_ref().is_some_and(Connection::is_secure)
+    }
+
+    /// Whether the connection closes after this reply: the client asked, or bytes of
+    /// its body are still unread.
+    pub fn must_close(&self) -> bool {
+        !self.head.keep_alive || !self.body_read
+    }
+
+    /// The connection, which only `drop` takes away.
+    pub(crate) fn connection(&mut self) -> &mut Connection {
+        self.connection
+            .as_mut()
+            .expect("the connection stays with the request until it drops")
+    }
+
+    pub(crate) fn reply_started(&mut self, closes: bool) {
+        self.replied = true;
+        self.reply_closes = closes;
+    }
+
+    pub(crate) fn reply_finished(&mut self) {
+        self.reply_done = true;
+    }
+
+    /// Reads the whole body within `limits`. A body over `max_bytes` is refused
+    /// before it is read when its length is declared, and as soon as it passes the
+    /// limit otherwise; one that ends early or breaks its framing is refused, never
+    /// forwarded in part.
+    pub fn read_body(
+        &mut self,
+        limits: BodyLimits,
+        budget: &Arc<Budget>,
+    ) -> Result<Body, RouterError> {
+        let framing = self.head.framing;
+        if framing == Framing::None {
+            return Ok(Body::empty());
+        }
+        let too_large = RouterError::BodyTooLarge {
+            limit: limits.max_bytes,
+        };
+        if let Framing::Length(n) = framing {
+            if n > limits.max_bytes {
+                return Err(too_large);
+            }
+        }
+        if self.head.expect_continue && self.head.version == Version::Http11 {
+            reply::send_continue(self.connection()).map_err(|_| RouterError::ClientClosed)?;
+        }
+        let deadline = self.received + limits.timeout;
+        let room_deadline = Instant::now() + budget::WAIT_FOR_ROOM;
+        let mut share = budget.share();
+        let mut bytes = Vec::new();
+        let no_room = || RouterError::BodyBudget;
+        let body_timeout = RouterError::BodyTimeout {
+            limit: limits.timeout,
+        };
+        match framing {
+            Framing::Length(n) => {
+                if !budget.grow(&mut share, n, limits.budget, room_deadline) {
+                    return Err(no_room());
+                }
+                bytes.reserve_exact(n as usize);
+                let connection = self.connection();
+                while (bytes.len() as u64) < n {
+                    if connection.buffered().is_empty() {
+                        match connection.fill(deadline) {
+                            Ok(0) => {
+                                return Err(RouterError::BadRequest(format!(
+                                    "the request body ended after {} of its {n} bytes",
+                                    bytes.len()
+                                )))
+                            }
+                            Ok(_) => {}
+                            Err(e) if is_timeout(&e) => {
+                                connection.timed_out = Some("slow_body");
+                                return Err(body_timeout);
+                            }
+                            Err(_) => return Err(RouterError::ClientClosed),
+                        }
+                    }
+                    let buffered = connection.buffered();
+                    let take = buffered.len().min((n - bytes.len() as u64) as usize);
+                    bytes.extend_from_slice(&buffered[..take]);
+                    connection.consume(take);
+                }
+            }
+            Framing::Chunked => {
+                let mut decoder = Decoder::default();
+                let connection = self.connection();
+                while !decoder.is_done() {
+                    if connection.buffered().is_empty() {
+                        match connection.fill(deadline) {
+                            Ok(0) => {
+                                return Err(RouterError::BadRequest(format!(
+                                    "the chunked request body ended after {} bytes, before its last chunk",
+                                    bytes.len()
+                                )))
+                            }
+                            Ok(_) => {}
+                            Err(e) if is_timeout(&e) => {
+                                connection.timed_out = Some("slow_body");
+                                return Err(body_timeout);
+                            }
+                            Err(_) => return Err(RouterError::ClientClosed),
+                        }
+                    }
+                    let used = decoder
+                        .feed(connection.buffered(), &mut bytes)
+                        .map_err(|e| RouterError::BadRequest(e.to_string()))?;
+                    connection.consume(used);
+                    if bytes.len() as u64 > limits.max_bytes {
+                        return Err(too_large);
+                    }
+                    let (held, taken) = (bytes.len() as u64, share.bytes());
+                    if held > taken {
+                        // In steps, so a body of many small chunks does not take the
+                        // budget's lock for each; never past `max_bytes`, which `held`
+                        // is within.
+                        let step = (held - taken)
+                            .max(CHUNKED_STEP)
+                            .min(limits.max_bytes - taken);
+                        if !budget.grow(&mut share, step, limits.budget, room_deadline) {
+                            return Err(no_room());
+                        }
+                    }
+                }
+            }
+            Framing::None => {}
+        }
+        self.body_read = true;
+        Ok(Body {
+            bytes,
+            _share: Some(share),
+        })
+    }
+}
+
+/// How much of the budget a chunked body takes at a time.
+const CHUNKED_STEP: u64 = 64 * 1024;
+
+impl Drop for Request {
+    fn drop(&mut self) {
+        let Some(mut connection) = self.connection.take() else {
+            return;
+        };
+        let panicking = std::thread::panicking();
+        if panicking && !self.replied {
+            let _ = reply::send_head_error(&mut connection, &RouterError::Internal);
+        }
+        let reusable = !panicking
+            && self.body_read
+            && self.replied
+            && self.reply_done
+            && !self.reply_closes
+            && self.head.keep_alive;
+        self.ticket.hand_back(Returned {
+            connection,
+            reusable,
+        });
+    }
+}
