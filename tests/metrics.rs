@@ -9,8 +9,8 @@
 //! - The operator files in `deploy/` (Grafana dashboard, Prometheus config) use only
 //!   metric names the router exports, and pass `promtool`.
 //!
-//! `promtool` (Debian package `prometheus`) is required: CI installs it before
-//! `make test`.
+//! `promtool` (Debian package `prometheus`) is required: `make test` installs it when
+//! it is missing (as root, with apt-get).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -312,7 +312,7 @@ fn promtool(args: &[&str], stdin: &[u8]) -> (bool, String) {
         .unwrap_or_else(|e| {
             panic!(
                 "cannot run promtool ({e}); these tests need it: \
-                 `apt-get install prometheus` (Debian package prometheus)"
+                 `make test` installs it, or `apt-get install prometheus`"
             )
         });
     let mut input = child.stdin.take().expect("promtool stdin");
