@@ -41,12 +41,13 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
+use crate::auth::Secret;
 use crate::config::ServerConfig;
 use crate::upstream::{AgentConfig, BackendAgent};
 
-/// How often a waiting request asks whether it is still wanted (`acquire_while`): a
-/// client that left is noticed by the janitor within a second, so a quarter of that
-/// adds little, and a thousand waiters wake four thousand times a second at most.
+/// How often a waiting request asks whether it is still wanted (`acquire_while`): the
+/// watcher marks a client that left at once, so this bounds how long its slot in line
+/// outlives it, and a thousand waiters wake four thousand times a second at most.
 const WANTED_EVERY: Duration = Duration::from_millis(250);
 
 /// The reason shown for a backend that has not had its first health check.
@@ -79,6 +80,9 @@ struct Entry {
     id: BackendId,
     url: Arc<str>,
     agent: BackendAgent,
+    /// The server's `api_key`, as the latest config says: a request takes it with its
+    /// slot, so it always matches the backend it is sent to.
+    api_key: Option<Secret>,
     max_concurrent: u32,
     in_flight: u32,
     healthy: bool,
@@ -159,8 +163,13 @@ struct Wake {
 pub enum Rejection {
     /// No healthy backend exists that could serve the request, so waiting would not help.
     NoBackend,
-    /// No backend, healthy or not, lists the requested model.
+    /// No backend, healthy or not, lists the requested model, and every backend's
+    /// models are known.
     UnknownModel(String),
+    /// No backend whose models are known lists the requested model, and `unknown`
+    /// backends whose models are not known yet cannot take it (down): the model may
+    /// be theirs.
+    ModelUnavailable { model: String, unknown: usize },
     /// Every slot is taken and `max_queue_size` requests already wait.
     QueueFull { queue_len: usize },
     /// Waited `queue_timeout` without a slot coming free.
@@ -187,6 +196,10 @@ pub struct Slot {
     /// Kept by the slot so that a backend removed by a reload meanwhile keeps its
     /// client until the request ends.
     agent: BackendAgent,
+    /// The backend's `api_key` when the slot was taken. It travels with the slot, not
+    /// with the config snapshot the request took on arrival: a request queued before a
+    /// reload may be admitted to a server that reload added.
+    api_key: Option<Secret>,
     /// How long the request waited in the queue for this slot.
     pub queued_for: Duration,
 }
@@ -199,6 +212,11 @@ impl Slot {
     /// The HTTP client of the slot's backend.
     pub fn agent(&self) -> &BackendAgent {
         &self.agent
+    }
+
+    /// The key to send to the slot's backend instead of the client's, if it has one.
+    pub fn api_key(&self) -> Option<&Secret> {
+        self.api_key.as_ref()
     }
 
     pub fn backend_id(&self) -> BackendId {
@@ -307,15 +325,18 @@ impl Table {
                 .iter_mut()
                 .find(|e| !e.removed && *e.url == *server.url)
             {
-                Some(e) if e.max_concurrent != server.max_concurrent_requests => {
-                    changes.resized.push((
-                        server.url.clone(),
-                        e.max_concurrent,
-                        server.max_concurrent_requests,
-                    ));
-                    e.max_concurrent = server.max_concurrent_requests;
+                Some(e) => {
+                    // A changed key applies from the next slot taken.
+                    e.api_key.clone_from(&server.api_key);
+                    if e.max_concurrent != server.max_concurrent_requests {
+                        changes.resized.push((
+                            server.url.clone(),
+                            e.max_concurrent,
+                            server.max_concurrent_requests,
+                        ));
+                        e.max_concurrent = server.max_concurrent_requests;
+                    }
                 }
-                Some(_) => {}
                 None => {
                     inner.add_entry(server, trusted, self.agents.new_agent());
                     changes.added.push(server.url.clone());
@@ -360,16 +381,7 @@ impl Table {
             return Err(Rejection::Closed);
         }
         if !inner.entries.iter().any(|e| e.usable(&want)) {
-            if let Some(model) = &want.model {
-                if !inner
-                    .entries
-                    .iter()
-                    .any(|e| !e.removed && e.may_serve(model))
-                {
-                    return Err(Rejection::UnknownModel(model.clone()));
-                }
-            }
-            return Err(Rejection::NoBackend);
+            return Err(inner.why_unusable(&want));
         }
         if let Some(idx) = inner.pick(&want) {
             return Ok(self.take(&mut inner, idx, Duration::ZERO));
@@ -398,16 +410,17 @@ impl Table {
             let granted = wake.granted.load(Ordering::Relaxed);
             if granted != 0 {
                 // `dispatch` already counted the slot and removed us from the queue.
-                let (url, agent) = inner
+                let (url, agent, api_key) = inner
                     .slot_parts(granted)
                     // A granted slot keeps its entry alive (in_flight > 0), so this is
                     // not reached.
-                    .unwrap_or_else(|| (Arc::from(""), self.agents.new_agent()));
+                    .unwrap_or_else(|| (Arc::from(""), self.agents.new_agent(), None));
                 return Ok(Slot {
                     table: Arc::clone(self),
                     id: granted,
                     url,
                     agent,
+                    api_key,
                     queued_for: start.elapsed(),
                 });
             }
@@ -588,20 +601,32 @@ impl Table {
     }
 
     /// Passive health: a request to this backend failed. After `threshold` failures in
-    /// a row it is marked down at once, and stays down at least `recovery_after`.
-    /// Returns true when this failure marked it down.
+    /// a row it is marked down at once; `recovery_after` is when a probe may bring it
+    /// back when active checks are off (with them on, they decide). With `keep_last`
+    /// (active checks on), the last healthy backend is not marked down by request
+    /// failures alone: its active checks still pass, so it is most likely back (a
+    /// blip), and taking it out would refuse every request for nothing; the checks
+    /// take it out if it really is gone. Returns true when this failure marked it down.
     pub fn request_failed(
         &self,
         id: BackendId,
         why: &str,
         threshold: u32,
         recovery_after: Duration,
+        keep_last: bool,
     ) -> bool {
         let mut inner = self.inner.lock();
+        let others_healthy = inner
+            .entries
+            .iter()
+            .any(|e| e.id != id && e.healthy && !e.removed);
         let Some(e) = inner.entry_mut(id) else {
             return false;
         };
         e.request_failures = e.request_failures.saturating_add(1);
+        if keep_last && !others_healthy {
+            return false;
+        }
         if e.healthy && e.request_failures >= threshold {
             e.healthy = false;
             e.reason = Some(format!(
@@ -635,6 +660,7 @@ impl Table {
             id: entry.id,
             url: Arc::clone(&entry.url),
             agent: entry.agent.clone(),
+            api_key: entry.api_key.clone(),
             queued_for,
         }
     }
@@ -709,6 +735,26 @@ fn model_id(model: &serde_json::Value) -> Option<&str> {
 }
 
 impl Inner {
+    /// Why no backend can take `want`, when none can: a model that no backend whose
+    /// models are known lists is named as the cause, so a client with a typo in it is
+    /// not told to retry forever.
+    fn why_unusable(&self, want: &Want) -> Rejection {
+        let Some(model) = &want.model else {
+            return Rejection::NoBackend;
+        };
+        let live = || self.entries.iter().filter(|e| !e.removed);
+        if live().any(|e| e.models.is_some() && e.may_serve(model)) {
+            return Rejection::NoBackend;
+        }
+        match live().filter(|e| e.models.is_none()).count() {
+            0 => Rejection::UnknownModel(model.clone()),
+            unknown => Rejection::ModelUnavailable {
+                model: model.clone(),
+                unknown,
+            },
+        }
+    }
+
     /// The least-loaded backend with room (by load / max_concurrent); among equals
     /// the first one at or after `rotation`.
     fn pick(&mut self, want: &Want) -> Option<usize> {
@@ -782,6 +828,7 @@ impl Inner {
             id,
             url: Arc::from(server.url.as_str()),
             agent,
+            api_key: server.api_key.clone(),
             max_concurrent: server.max_concurrent_requests,
             in_flight: 0,
             healthy: trusted,
@@ -811,10 +858,10 @@ impl Inner {
         self.entry(id).filter(|e| !e.removed)
     }
 
-    /// The URL and agent a slot on backend `id` carries.
-    fn slot_parts(&self, id: BackendId) -> Option<(Arc<str>, BackendAgent)> {
+    /// The URL, agent and key a slot on backend `id` carries.
+    fn slot_parts(&self, id: BackendId) -> Option<(Arc<str>, BackendAgent, Option<Secret>)> {
         self.entry(id)
-            .map(|e| (Arc::clone(&e.url), e.agent.clone()))
+            .map(|e| (Arc::clone(&e.url), e.agent.clone(), e.api_key.clone()))
     }
 }
 

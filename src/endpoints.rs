@@ -95,8 +95,15 @@ fn metrics(shared: &Shared) -> Answer {
     }
 }
 
+/// Slots admission would still hand out on a backend: its cap less the load admission
+/// counts (`BackendView::load`, which includes what the backend reports of other
+/// routers), not less this router's in-flight count alone.
+fn available(b: &BackendView) -> u32 {
+    b.max_concurrent.saturating_sub(b.load)
+}
+
 fn server_json(b: &BackendView) -> serde_json::Value {
-    let available = b.max_concurrent.saturating_sub(b.in_flight);
+    let available = available(b);
     let unix = |t: std::time::SystemTime| {
         t.duration_since(std::time::UNIX_EPOCH)
             .ok()
@@ -184,11 +191,7 @@ fn load_stats(shared: &Shared) -> (u16, serde_json::Value) {
     let config = shared.config();
     let in_flight: u32 = backends.iter().map(|b| b.in_flight).sum();
     let capacity: u32 = backends.iter().map(|b| b.max_concurrent).sum();
-    let healthy_capacity: u32 = backends
-        .iter()
-        .filter(|b| b.healthy)
-        .map(|b| b.max_concurrent)
-        .sum();
+    let available: u32 = backends.iter().filter(|b| b.healthy).map(available).sum();
     let doc = json!({
         "servers": backends.iter().map(server_json).collect::<Vec<_>>(),
         "summary": {
@@ -196,7 +199,7 @@ fn load_stats(shared: &Shared) -> (u16, serde_json::Value) {
             "healthy_servers": backends.iter().filter(|b| b.healthy).count(),
             "total_in_flight": in_flight,
             "total_capacity": capacity,
-            "available": healthy_capacity.saturating_sub(in_flight),
+            "available": available,
             "utilization_percent": percent(in_flight, capacity),
             "queue_length": queue_len,
             "max_queue_size": config.settings.max_queue_size,

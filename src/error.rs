@@ -24,6 +24,9 @@ pub enum RouterError {
     NoBackend,
     /// No backend serves the model the request names.
     UnknownModel(String),
+    /// No backend whose models are known serves the model, and `unknown` backends
+    /// whose models are not known yet are down.
+    ModelUnavailable { model: String, unknown: usize },
     /// The router is shutting down and takes no new requests.
     ShuttingDown,
     /// The request body is larger than `max_body_bytes`.
@@ -66,6 +69,7 @@ impl RouterError {
             RouterError::QueueFull { .. }
             | RouterError::QueueTimeout { .. }
             | RouterError::NoBackend
+            | RouterError::ModelUnavailable { .. }
             | RouterError::ShuttingDown
             | RouterError::BodyBudget => 503,
             RouterError::VersionNotSupported(_) => 505,
@@ -95,6 +99,7 @@ impl RouterError {
             RouterError::QueueFull { .. }
             | RouterError::QueueTimeout { .. }
             | RouterError::NoBackend
+            | RouterError::ModelUnavailable { .. }
             | RouterError::ShuttingDown
             | RouterError::BodyBudget => "server_overloaded",
             RouterError::BodyTooLarge { .. }
@@ -122,6 +127,7 @@ impl RouterError {
             RouterError::QueueTimeout { .. } => "queue_timeout",
             RouterError::NoBackend => "no_healthy_backend",
             RouterError::UnknownModel(_) => "model_not_found",
+            RouterError::ModelUnavailable { .. } => "model_not_available",
             RouterError::ShuttingDown => "shutting_down",
             RouterError::BodyTooLarge { .. } => "request_too_large",
             RouterError::BadRequest(_) => "bad_request",
@@ -159,6 +165,7 @@ impl RouterError {
             RouterError::QueueFull { .. }
             | RouterError::QueueTimeout { .. }
             | RouterError::NoBackend
+            | RouterError::ModelUnavailable { .. }
             | RouterError::ShuttingDown
             | RouterError::BodyBudget => Some(1),
             _ => None,
@@ -195,6 +202,14 @@ impl fmt::Display for RouterError {
             RouterError::UnknownModel(model) => write!(
                 f,
                 "the model {model:?} is not served by any backend; GET /v1/models lists the models available"
+            ),
+            RouterError::ModelUnavailable { model, unknown } => write!(
+                f,
+                "the model {model:?} is not served by any backend whose models are known; \
+                 {unknown} {} down with {} models unknown, so it may be served again once {} back",
+                if *unknown == 1 { "backend is" } else { "backends are" },
+                if *unknown == 1 { "its" } else { "their" },
+                if *unknown == 1 { "it is" } else { "they are" },
             ),
             RouterError::ShuttingDown => write!(f, "the router is shutting down; retry on another instance"),
             RouterError::BodyTooLarge { limit } => {
@@ -244,11 +259,11 @@ impl fmt::Display for RouterError {
             RouterError::MethodNotAllowed { allow } => {
                 write!(f, "method not allowed here; allowed: {allow}")
             }
-            RouterError::BadGateway { backend, reason } => {
-                write!(f, "backend {backend} failed: {reason}")
-            }
-            RouterError::GatewayTimeout { backend } => {
-                write!(f, "backend {backend} did not answer in time")
+            // The backend stays out of the text, which clients get: its address is
+            // internal, and the access log and /health name it.
+            RouterError::BadGateway { reason, .. } => write!(f, "the backend failed: {reason}"),
+            RouterError::GatewayTimeout { .. } => {
+                write!(f, "the backend did not answer within request_timeout")
             }
             RouterError::Internal => write!(f, "internal router error; the request was not completed"),
         }
@@ -277,6 +292,9 @@ impl From<Rejection> for RouterError {
         match r {
             Rejection::NoBackend => RouterError::NoBackend,
             Rejection::UnknownModel(model) => RouterError::UnknownModel(model),
+            Rejection::ModelUnavailable { model, unknown } => {
+                RouterError::ModelUnavailable { model, unknown }
+            }
             Rejection::QueueFull { queue_len } => RouterError::QueueFull { queue_len },
             Rejection::QueueTimeout { waited } => RouterError::QueueTimeout { waited },
             Rejection::Closed => RouterError::ShuttingDown,
@@ -321,6 +339,15 @@ mod tests {
             "model_not_found",
             None,
         );
+        check(
+            RouterError::ModelUnavailable {
+                model: "m".into(),
+                unknown: 2,
+            },
+            503,
+            "model_not_available",
+            Some(1),
+        );
         check(RouterError::ShuttingDown, 503, "shutting_down", Some(1));
         check(
             RouterError::BodyTooLarge { limit: 10 },
@@ -352,6 +379,17 @@ mod tests {
             None,
         );
         check(RouterError::Internal, 500, "internal_error", None);
+        for err in [
+            RouterError::BadGateway {
+                backend: "http://10.0.0.7:8000".into(),
+                reason: "refused".into(),
+            },
+            RouterError::GatewayTimeout {
+                backend: "http://10.0.0.7:8000".into(),
+            },
+        ] {
+            assert!(!err.body().contains("10.0.0.7"), "{}", err.body());
+        }
         check(RouterError::Unauthorized, 401, "invalid_api_key", None);
         check(
             RouterError::HeadersTooLarge { limit: 65536 },

@@ -12,13 +12,21 @@
 //!   row, or, once the window holds `MIN_SAMPLES` checks, when the share of good checks
 //!   is below `health_check_min_success_rate` or their mean time is above
 //!   `health_check_max_response_time`;
+//! - a good check is a 2xx within `health_check_max_response_time`: a slow answer is
+//!   not good enough to bring a backend back, or a backend taken down for slowness
+//!   would come back at its next answer and flap;
 //! - it turns healthy again after `health_check_recovery_successes` good checks in a
-//!   row, and its window starts afresh, so old failures do not knock it down again;
+//!   row; its window then holds those checks only, so old failures do not knock it
+//!   down again, and the rate and mean rules pass on it by construction;
 //! - a backend that has never been healthy (just started or added) takes traffic after
 //!   its first good check, made at once rather than at the next interval;
-//! - a backend marked down by request failures (passive health) is probed again
-//!   `auto_recovery_threshold` after that, also with active checks off, and one good
-//!   probe brings it back; checks before then do not.
+//! - a backend marked down by request failures (passive health) comes back by the
+//!   same rule, counting the good checks since it was marked down; with active checks
+//!   off it is probed `auto_recovery_threshold` after that, and one good probe brings
+//!   it back.
+//!
+//! The rules are pure functions of a backend's `Track`, its standing in the table and
+//! the time (`step`), so they are tested without threads or sockets.
 //!
 //! Models come from each backend's `/v1/models`: at its first check, when it recovers,
 //! and every `MODELS_REFRESH`. A failed fetch keeps the last good list.
@@ -57,8 +65,12 @@ pub fn spawn(shared: Arc<Shared>) -> std::io::Result<thread::JoinHandle<()>> {
 #[derive(Default)]
 struct Track {
     window: VecDeque<Sample>,
-    consecutive_ok: u32,
+    /// Good checks (2xx and fast enough) in a row.
+    consecutive_good: u32,
     consecutive_failed: u32,
+    /// The passive mark-down (its `down_by_requests_until`) the good checks in a row
+    /// are counted since.
+    passive_mark: Option<Instant>,
     ever_healthy: bool,
     /// A probe for this backend is running.
     probing: bool,
@@ -122,7 +134,10 @@ fn start_probe_if_due(
         return;
     }
     let now = Instant::now();
-    let check_due = if let Some(until) = b.down_by_requests_until {
+    let check_due = if let Some(until) = b
+        .down_by_requests_until
+        .filter(|_| !s.enable_active_health_check)
+    {
         now >= until
             && track
                 .last_probe
@@ -240,34 +255,17 @@ fn apply_check(
     check: Result<Duration, String>,
     s: &Settings,
 ) {
-    let sample = match &check {
-        Ok(latency) => Sample {
-            ok: true,
-            latency: *latency,
-        },
-        Err(_) => Sample {
-            ok: false,
-            latency: s.health_check_timeout,
-        },
-    };
-    if track.window.len() == WINDOW {
-        track.window.pop_front();
-    }
-    track.window.push_back(sample);
-    if sample.ok {
-        track.consecutive_ok += 1;
-        track.consecutive_failed = 0;
-    } else {
-        track.consecutive_failed += 1;
-        track.consecutive_ok = 0;
-    }
     let Some(backend) = shared.table.backend(id) else {
         return;
     };
+    let standing = Standing {
+        healthy: backend.healthy,
+        down_by_requests_until: backend.down_by_requests_until,
+    };
+    let (sample, change) = step(track, standing, &check, s, Instant::now());
     shared
         .metrics
         .observe_health_check(&backend.url, sample.ok, sample.latency);
-    let change = decide(&backend, track, &check, sample, s);
     let ok_count = track.window.iter().filter(|s| s.ok).count();
     let stats = CheckStats {
         consecutive_failures: track.consecutive_failed,
@@ -291,42 +289,112 @@ fn apply_check(
     }
 }
 
+/// What the table says of a backend when its check comes in.
+#[derive(Clone, Copy)]
+struct Standing {
+    healthy: bool,
+    down_by_requests_until: Option<Instant>,
+}
+
+/// Records one check in `track` and returns its sample and the health change it
+/// brings, as (healthy, reason); `None` for no change.
+fn step(
+    track: &mut Track,
+    standing: Standing,
+    check: &Result<Duration, String>,
+    s: &Settings,
+    now: Instant,
+) -> (Sample, Option<(bool, Option<String>)>) {
+    let sample = match check {
+        Ok(latency) => Sample {
+            ok: true,
+            latency: *latency,
+        },
+        Err(_) => Sample {
+            ok: false,
+            latency: s.health_check_timeout,
+        },
+    };
+    if track.window.len() == WINDOW {
+        track.window.pop_front();
+    }
+    track.window.push_back(sample);
+    let good = sample.ok && sample.latency <= s.health_check_max_response_time;
+    track.consecutive_good = if good { track.consecutive_good + 1 } else { 0 };
+    track.consecutive_failed = if sample.ok {
+        0
+    } else {
+        track.consecutive_failed + 1
+    };
+    if let Some(until) = standing.down_by_requests_until {
+        if track.passive_mark != Some(until) {
+            // Marked down by requests since the last check: only checks from now on
+            // show that whatever failed them is gone.
+            track.passive_mark = Some(until);
+            track.consecutive_good = u32::from(good);
+        }
+    }
+    (sample, decide(standing, track, check, s, now))
+}
+
 /// The health change one check brings, as (healthy, reason); `None` for no change.
 fn decide(
-    backend: &BackendView,
+    standing: Standing,
     track: &mut Track,
     check: &Result<Duration, String>,
-    sample: Sample,
     s: &Settings,
+    now: Instant,
 ) -> Option<(bool, Option<String>)> {
-    if backend.healthy {
+    if standing.healthy {
         return verdict(track, check, s).map(|reason| (false, Some(reason)));
     }
-    if backend
-        .down_by_requests_until
-        .is_some_and(|until| Instant::now() < until)
-    {
-        return None;
-    }
-    let recovered = sample.ok
-        && (!track.ever_healthy
-            || backend.down_by_requests_until.is_some()
-            || track.consecutive_ok >= s.health_check_recovery_successes);
+    let good = track.consecutive_good > 0;
+    let recovered = match standing.down_by_requests_until {
+        // Without active checks this is the probe after the hold-off, made only once
+        // it is over: one good answer brings it back.
+        Some(until) if !s.enable_active_health_check => {
+            if now < until {
+                return None;
+            }
+            good
+        }
+        _ if !track.ever_healthy => good,
+        _ => {
+            let needed = s.health_check_recovery_successes.max(1);
+            track.consecutive_good >= needed && {
+                let streak = (needed as usize).min(WINDOW);
+                let tail: Vec<Sample> = track.window.iter().rev().take(streak).copied().collect();
+                window_verdict(&tail, s).is_none()
+            }
+        }
+    };
     if recovered {
-        track.window.clear();
-        track.window.push_back(sample);
+        // The window keeps the good checks that brought it back, and nothing older.
+        let streak = (track.consecutive_good as usize).clamp(1, WINDOW);
+        let drop = track.window.len().saturating_sub(streak);
+        track.window.drain(..drop);
         track.ever_healthy = true;
+        track.passive_mark = None;
         // Learn its models again: it may have come back with others.
         track.models_fetched = None;
         return Some((true, None));
     }
     let reason = match check {
         Err(e) => format!("health check failed: {e}"),
+        Ok(latency) if !good => format!(
+            "health check took {:.3}s, above health_check_max_response_time {:.3}s",
+            latency.as_secs_f64(),
+            s.health_check_max_response_time.as_secs_f64()
+        ),
         Ok(_) => format!(
             "recovering: {} of {} good checks in a row",
-            track.consecutive_ok, s.health_check_recovery_successes
+            track.consecutive_good, s.health_check_recovery_successes
         ),
     };
+    // A backend marked down by requests keeps that reason until it is back.
+    if standing.down_by_requests_until.is_some() && s.enable_active_health_check {
+        return None;
+    }
     Some((false, Some(reason)))
 }
 
@@ -339,11 +407,20 @@ fn verdict(track: &Track, last: &Result<Duration, String>, s: &Settings) -> Opti
             track.consecutive_failed
         ));
     }
-    let n = track.window.len();
-    if n < MIN_SAMPLES {
+    let window: Vec<Sample> = track.window.iter().copied().collect();
+    if window.len() < MIN_SAMPLES {
         return None;
     }
-    let ok = track.window.iter().filter(|s| s.ok).count();
+    window_verdict(&window, s)
+}
+
+/// The success-rate and mean-time rules over `window`.
+fn window_verdict(window: &[Sample], s: &Settings) -> Option<String> {
+    let n = window.len();
+    if n == 0 {
+        return None;
+    }
+    let ok = window.iter().filter(|s| s.ok).count();
     let rate = ok as f64 / n as f64;
     if rate < s.health_check_min_success_rate {
         return Some(format!(
@@ -351,7 +428,7 @@ fn verdict(track: &Track, last: &Result<Duration, String>, s: &Settings) -> Opti
             s.health_check_min_success_rate
         ));
     }
-    let mean = track.window.iter().map(|s| s.latency).sum::<Duration>() / n as u32;
+    let mean = window.iter().map(|s| s.latency).sum::<Duration>() / n as u32;
     if mean > s.health_check_max_response_time {
         return Some(format!(
             "health checks took {:.3}s on average, above {:.3}s",
@@ -410,23 +487,24 @@ impl Target<'_> {
         response.body_mut().read_to_string().ok()
     }
 
+    /// `GET path`, resent once on a fresh connection if a pooled one turns out closed
+    /// (`BackendAgent::send`): a probe must not fail a healthy backend for that.
     fn get(&self, path: &str) -> Result<ureq::http::Response<ureq::Body>, String> {
         let mut request = ureq::http::Request::get(format!("{}{path}", self.url));
         if let Some(key) = &self.key {
             request = request.header("Authorization", format!("Bearer {}", key.expose()));
         }
         let request = request.body(()).map_err(|e| e.to_string())?;
-        let request = self
-            .agent
-            .configure_request(request)
-            .timeout_global(Some(self.timeout))
-            .build();
-        self.agent.run(request).map_err(|e| match e {
-            ureq::Error::Timeout(_) => {
-                format!("no answer within {:.1}s", self.timeout.as_secs_f64())
-            }
-            other => other.to_string(),
-        })
+        let timeout = Some(self.timeout);
+        let configure = |builder: ureq::config::ConfigBuilder<_>| builder.timeout_global(timeout);
+        self.agent
+            .send(request, configure, || true)
+            .map_err(|e| match e {
+                ureq::Error::Timeout(_) => {
+                    format!("no answer within {:.1}s", self.timeout.as_secs_f64())
+                }
+                other => other.to_string(),
+            })
     }
 }
 
@@ -547,5 +625,119 @@ mod tests {
         let slow = [(true, 900); 5];
         assert!(check(&slow, 0).is_some_and(|r| r.contains("on average")));
         assert_eq!(check(&[(true, 100); 10], 0), None);
+    }
+
+    /// The settings of issue 13's slow-backend case.
+    fn spec() -> Settings {
+        Settings {
+            health_check_interval: Duration::from_secs(1),
+            health_check_timeout: Duration::from_secs(1),
+            health_check_max_response_time: Duration::from_millis(400),
+            health_check_consecutive_failures: 3,
+            health_check_min_success_rate: 0.8,
+            health_check_recovery_successes: 2,
+            ..Settings::default()
+        }
+    }
+
+    /// Runs checks of the given latencies (`None`: a failed check) through `step`, one
+    /// a second, applying each change as the table would; returns the health after
+    /// each check.
+    fn run(
+        track: &mut Track,
+        standing: &mut Standing,
+        checks: &[Option<u64>],
+        s: &Settings,
+        now: &mut Instant,
+    ) -> Vec<bool> {
+        checks
+            .iter()
+            .map(|c| {
+                let check = c
+                    .map(Duration::from_millis)
+                    .ok_or_else(|| "refused".to_owned());
+                *now += Duration::from_secs(1);
+                if let (_, Some((healthy, _))) = step(track, *standing, &check, s, *now) {
+                    standing.healthy = healthy;
+                    if healthy {
+                        standing.down_by_requests_until = None;
+                    }
+                }
+                standing.healthy
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_slow_backend_goes_down_once_and_stays_down_while_slow() {
+        let s = spec();
+        let (mut track, mut now) = (Track::default(), Instant::now());
+        let mut standing = Standing {
+            healthy: false,
+            down_by_requests_until: None,
+        };
+        let fast = run(&mut track, &mut standing, &[Some(5); 10], &s, &mut now);
+        assert!(fast.iter().all(|&h| h), "{fast:?}");
+        let slow = run(&mut track, &mut standing, &[Some(700); 30], &s, &mut now);
+        let down_at = slow.iter().position(|&h| !h).expect("marked down");
+        assert!(down_at < WINDOW, "down within the window: {slow:?}");
+        assert!(slow[down_at..].iter().all(|&h| !h), "stays down: {slow:?}");
+        let fast = run(&mut track, &mut standing, &[Some(5); 10], &s, &mut now);
+        let up_at = fast.iter().position(|&h| h).expect("back");
+        assert!(up_at < 10, "{fast:?}");
+        assert!(fast[up_at..].iter().all(|&h| h), "{fast:?}");
+    }
+
+    #[test]
+    fn a_backend_that_starts_slow_comes_up_once_fast() {
+        let s = spec();
+        let (mut track, mut now) = (Track::default(), Instant::now());
+        let mut standing = Standing {
+            healthy: false,
+            down_by_requests_until: None,
+        };
+        let slow = run(&mut track, &mut standing, &[Some(700); 5], &s, &mut now);
+        assert!(slow.iter().all(|&h| !h), "{slow:?}");
+        // Its first good check: it has never been healthy.
+        assert_eq!(
+            run(&mut track, &mut standing, &[Some(5)], &s, &mut now),
+            [true]
+        );
+    }
+
+    #[test]
+    fn good_checks_end_a_passive_mark_down_with_active_checks_on() {
+        let s = Settings {
+            auto_recovery_threshold: Duration::from_secs(60),
+            ..spec()
+        };
+        let (mut track, mut now) = (Track::default(), Instant::now());
+        let mut standing = Standing {
+            healthy: false,
+            down_by_requests_until: None,
+        };
+        run(&mut track, &mut standing, &[Some(5); 3], &s, &mut now);
+        // Request failures mark it down, for a minute without active checks.
+        standing.healthy = false;
+        standing.down_by_requests_until = Some(now + s.auto_recovery_threshold);
+        let after = run(&mut track, &mut standing, &[Some(5); 2], &s, &mut now);
+        assert_eq!(
+            after,
+            [false, true],
+            "the good checks before it do not count"
+        );
+
+        let off = Settings {
+            enable_active_health_check: false,
+            ..s
+        };
+        standing.healthy = false;
+        standing.down_by_requests_until = Some(now + Duration::from_secs(3));
+        let probes = run(&mut track, &mut standing, &[Some(5); 4], &off, &mut now);
+        assert_eq!(
+            probes,
+            [false, false, true, true],
+            "the hold-off, then one probe"
+        );
     }
 }

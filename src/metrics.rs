@@ -23,10 +23,11 @@ use crate::access::Access;
 use crate::admission::TableView;
 
 /// Why the router closes a client connection itself: refused at accept (over
-/// `max_client_connections`, no thread, no file descriptor), or closed by the janitor
-/// for breaking a client timeout (`clients::Reason`).
-pub const CONNECTION_CLOSE_REASONS: [&str; 6] = [
+/// `max_client_connections` or `max_connections_per_ip`, no thread, no file
+/// descriptor), or closed for breaking a client timeout (`Connection::timed_out`).
+pub const CONNECTION_CLOSE_REASONS: [&str; 7] = [
     "over_cap",
+    "per_ip",
     "no_thread",
     "no_fd",
     "idle",
@@ -141,8 +142,8 @@ impl Metrics {
             .or_default() += 1;
     }
 
-    /// Counts a client connection the router closed itself: refused over the cap or
-    /// for lack of a thread, or closed by the janitor for a timeout.
+    /// Counts a client connection the router closed itself: refused over a cap or
+    /// for lack of a thread, or closed for a client timeout.
     pub fn observe_connection_closed(&self, reason: &'static str) {
         // Only the listed reasons are written out.
         debug_assert!(CONNECTION_CLOSE_REASONS.contains(&reason), "{reason}");

@@ -1,10 +1,10 @@
 //! The request path of a proxied request, one function per phase, called top-down
 //! from `handle`:
 //!
-//! `check_head` (method, target, header caps) → the API-key check → `read_body`
-//! (framing checks, size limit) → `requested_model` → `Exchange::forward` (`admit` a
-//! slot or wait in line, `send` with ureq, retry elsewhere while it is safe) →
-//! `relay_response` (head, then one chunk per backend read, flushed) → the `Slot`
+//! The head is already parsed and checked (`client::head`). The API-key check →
+//! `Request::read_body` (size limit, body budget) → `requested_model` →
+//! `Exchange::forward` (`admit` a slot or wait in line, `send` with ureq, retry
+//! elsewhere while it is safe) → `relay_response` (head, then one chunk per backend read, flushed) → the `Slot`
 //! drops and the backend's slot is free again; `Access::finish` logs the request once.
 //!
 //! Nothing reaches the client before the backend's response head, so until then any
@@ -14,7 +14,9 @@ use std::io::Read;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ureq::config::ConfigBuilder;
 use ureq::http;
+use ureq::typestate::HttpCrateScope;
 
 use crate::access::{self, Access};
 use crate::admission::{Limits, Slot, Want};
@@ -39,6 +41,9 @@ const READ_BUF: usize = 4 * 1024;
 /// How relaying a reply ended.
 enum End {
     Complete,
+    /// Relayed whole, but the stream carried an error event of the backend's (vLLM
+    /// ends a stream that fails mid-way that way, under a 200).
+    ErrorEvent,
     /// The client went away; the backend connection was closed with it.
     ClientGone,
     /// The backend broke mid-body; the client saw an aborted reply.
@@ -121,7 +126,7 @@ fn proxy(request: &mut Request, shared: &Arc<Shared>, access: &mut Access) {
         model: access.model.clone(),
         exclude: Vec::new(),
     };
-    let (slot, response) = match exchange.forward(want, &mut access.retries) {
+    let (slot, response) = match exchange.forward(want, access) {
         Ok(sent) => sent,
         Err(err) => return reject(request, &err, access),
     };
@@ -135,6 +140,8 @@ fn proxy(request: &mut Request, shared: &Arc<Shared>, access: &mut Access) {
             }
             "complete"
         }
+        // A failed generation, not a failing backend: passive health is untouched.
+        End::ErrorEvent => "backend_error",
         End::ClientGone => "client_gone",
         // The watcher stopped the backend connection: not the backend's fault.
         End::BackendBroke(_) if exchange.ticket.client_left() => "client_gone",
@@ -221,19 +228,23 @@ impl Exchange<'_> {
     /// nothing has reached the client yet, and the backend either refused the
     /// connection or answered 502/503/504/429. A request that may already be generating
     /// (a timeout after it was sent) is never sent again. Returns the slot, the reply
-    /// to relay; counts retries in `retries`.
+    /// to relay; counts retries in `access.retries`, and names the backend in
+    /// `access.backend` when the client left while a backend had the request.
     fn forward(
         &self,
         mut want: Want,
-        retries: &mut u32,
+        access: &mut Access,
     ) -> Result<(Slot, http::Response<ureq::Body>), RouterError> {
         let settings = &self.config.settings;
+        let retries = &mut access.retries;
         loop {
             let slot = self.admit(want.clone())?;
             let result = self.send(&slot);
             if result.is_err() && self.ticket.client_left() {
-                // The janitor stopped the backend connection because the client left:
-                // not the backend's fault, and nobody to retry for.
+                // The watcher stopped the backend connection because the client left:
+                // not the backend's fault, and nobody to retry for. The request did
+                // reach this backend, which the access log says.
+                access.backend = Some(slot.backend_url().to_owned());
                 return Err(RouterError::ClientClosed);
             }
             match &result {
@@ -243,6 +254,8 @@ impl Exchange<'_> {
                 // Success is recorded once the whole reply has been relayed.
                 Ok(_) => {}
                 Err(failure) if failure.backend_fault => {
+                    // The client's error text leaves the backend out; the log names it.
+                    log::info!("backend {} failed: {}", slot.backend_url(), failure.err);
                     self.record_failure(&slot, &failure.err.to_string())
                 }
                 Err(_) => {}
@@ -296,12 +309,7 @@ impl Exchange<'_> {
     fn send(&self, slot: &Slot) -> Result<http::Response<ureq::Body>, SendFailure> {
         let uri = format!("{}{}", slot.backend_url(), self.target);
         let mut builder = http::Request::builder().method(self.method).uri(&uri);
-        let backend_key = self
-            .config
-            .servers
-            .iter()
-            .find(|s| s.url == slot.backend_url())
-            .and_then(|s| s.api_key.as_ref());
+        let backend_key = slot.api_key();
         for (name, value) in self.headers {
             if backend_key.is_none() || !name.eq_ignore_ascii_case("authorization") {
                 builder = builder.header(name, value);
@@ -317,35 +325,45 @@ impl Exchange<'_> {
             backend_fault: false,
         })?;
         let timeout = self.config.settings.request_timeout;
-        let agent = slot.agent();
-        let request = agent
-            .configure_request(request)
-            .timeout_connect(Some(CONNECT_TIMEOUT.min(timeout)))
-            .timeout_recv_response(Some(timeout))
-            // The longest gap between two reads of the body: a stream that keeps
-            // producing tokens is never cut, one that stalls is.
-            .timeout_per_read(Some(timeout))
-            .build();
-        agent
-            .run(request)
+        let configure = |builder: ConfigBuilder<HttpCrateScope<_>>| {
+            builder
+                .timeout_connect(Some(CONNECT_TIMEOUT.min(timeout)))
+                .timeout_recv_response(Some(timeout))
+                // The longest gap between two reads of the body: a stream that keeps
+                // producing tokens is never cut, one that stalls is.
+                .timeout_per_read(Some(timeout))
+        };
+        // A request whose client left is not sent again (the watcher stopped it).
+        let may_retry = || !self.ticket.client_left();
+        slot.agent()
+            .send(request, configure, may_retry)
             .map_err(|e| SendFailure::of(slot.backend_url(), e))
     }
 
     /// Passive health: counts a failed request against the slot's backend.
     fn record_failure(&self, slot: &Slot, why: &str) {
         let settings = &self.config.settings;
+        let active = settings.enable_active_health_check;
         let marked_down = self.shared.table.request_failed(
             slot.backend_id(),
             why,
             settings.failure_threshold,
             settings.auto_recovery_threshold,
+            active,
         );
         if marked_down {
+            let back = if active {
+                format!(
+                    "back after {} good health checks in a row",
+                    settings.health_check_recovery_successes
+                )
+            } else {
+                format!("probed again in {:?}", settings.auto_recovery_threshold)
+            };
             log::warn!(
-                "backend {} marked down after {} failed requests in a row (last: {why}); retried in {:?}",
+                "backend {} marked down after {} failed requests in a row (last: {why}); {back}",
                 slot.backend_url(),
                 settings.failure_threshold,
-                settings.auto_recovery_threshold
             );
         }
     }
@@ -390,7 +408,9 @@ impl SendFailure {
 fn reject(request: &mut Request, err: &RouterError, access: &mut Access) {
     access.status = err.status();
     access.outcome = err.code();
-    if err.is_rejection() {
+    // A request a backend already had (the client left while it was generating) is
+    // not an answer of the router's own.
+    if err.is_rejection() && access.backend.is_none() {
         access.rejected = Some(err.code());
     }
     let id = [(
@@ -412,18 +432,31 @@ fn reject(request: &mut Request, err: &RouterError, access: &mut Access) {
     }
 }
 
+/// The error a failed send becomes. Its reason goes to the client, so the backend's
+/// URL and address are taken out of whatever ureq said; they stay in `backend`, for
+/// the logs.
 fn backend_error(backend: &str, err: ureq::Error) -> RouterError {
     use ureq::Timeout;
-    let backend = backend.to_owned();
     let reason = match err {
         ureq::Error::Timeout(Timeout::Connect | Timeout::Resolve) => "connect timed out".to_owned(),
-        ureq::Error::Timeout(_) => return RouterError::GatewayTimeout { backend },
+        ureq::Error::Timeout(_) => {
+            return RouterError::GatewayTimeout {
+                backend: backend.to_owned(),
+            }
+        }
         ureq::Error::HostNotFound => "host not found".to_owned(),
         ureq::Error::Io(e) => e.to_string(),
         ureq::Error::Protocol(e) => format!("invalid HTTP reply: {e}"),
         other => other.to_string(),
     };
-    RouterError::BadGateway { backend, reason }
+    let authority = backend.split_once("://").map_or(backend, |(_, rest)| rest);
+    let reason = reason
+        .replace(backend, "the backend")
+        .replace(authority.trim_end_matches('/'), "the backend");
+    RouterError::BadGateway {
+        backend: backend.to_owned(),
+        reason,
+    }
 }
 
 /// Relays the backend's response: its status and headers as they are, then the body,
@@ -487,6 +520,7 @@ fn relay_response(
         return End::ClientGone;
     }
     let mut buf = vec![0u8; READ_BUF];
+    let mut events = access.stream.then(ErrorEvents::default);
     let end = loop {
         let n = if no_body {
             Ok(0)
@@ -496,10 +530,12 @@ fn relay_response(
         match n {
             Ok(0) => {
                 call.forget();
-                break if writer.finish_body().is_ok() {
-                    End::Complete
-                } else {
+                break if writer.finish_body().is_err() {
                     End::ClientGone
+                } else if events.is_some_and(|e| e.seen) {
+                    End::ErrorEvent
+                } else {
+                    End::Complete
                 };
             }
             // A failed write means the client left. Returning drops `reader` half-read,
@@ -507,6 +543,9 @@ fn relay_response(
             // generating.
             Ok(n) => {
                 received += n as u64;
+                if let Some(events) = &mut events {
+                    events.scan(&buf[..n]);
+                }
                 if declared == Some(received) {
                     // The whole body is here: it goes out with the end of the reply in
                     // one write at the next read, which returns 0 at once.
@@ -524,4 +563,63 @@ fn relay_response(
     access.bytes_out = writer.bytes_out();
     access.first_byte = writer.first_byte();
     end
+}
+
+/// Watches a relayed SSE stream for an error event: a `data:` line whose JSON is an
+/// error (`{"error": ...}`, or vLLM's older `{"object": "error", ...}`). Only the start
+/// of each line is looked at, and a token's text cannot start a line (it is inside a
+/// JSON string, where a newline is escaped), so a reply that merely mentions an error
+/// does not count.
+#[derive(Default)]
+struct ErrorEvents {
+    /// The start of a line the last read cut off, when it was too short to tell.
+    carry: Vec<u8>,
+    seen: bool,
+}
+
+impl ErrorEvents {
+    /// Enough of a line to tell: `data: {"object": "error"` with a space to spare.
+    const TELL: usize = 28;
+
+    fn scan(&mut self, bytes: &[u8]) {
+        if self.seen {
+            return;
+        }
+        let mut lines = bytes.split(|&b| b == b'\n').peekable();
+        while let Some(piece) = lines.next() {
+            let last = lines.peek().is_none();
+            let line: std::borrow::Cow<[u8]> = if self.carry.is_empty() {
+                piece.into()
+            } else {
+                let mut joined = std::mem::take(&mut self.carry);
+                joined.extend_from_slice(piece);
+                joined.into()
+            };
+            if last && line.len() < Self::TELL {
+                self.carry = line.into_owned();
+                return;
+            }
+            if is_error_event(&line) {
+                self.seen = true;
+                return;
+            }
+        }
+    }
+}
+
+fn is_error_event(line: &[u8]) -> bool {
+    let Some(object) = line
+        .strip_prefix(b"data:")
+        .and_then(|d| d.trim_ascii_start().strip_prefix(b"{"))
+    else {
+        return false;
+    };
+    let object = object.trim_ascii_start();
+    if object.starts_with(br#""error""#) {
+        return true;
+    }
+    object
+        .strip_prefix(br#""object""#)
+        .and_then(|rest| rest.trim_ascii_start().strip_prefix(b":"))
+        .is_some_and(|value| value.trim_ascii_start().starts_with(br#""error""#))
 }

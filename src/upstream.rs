@@ -19,8 +19,17 @@
 //! Each agent's connections come from ureq's own connectors, wrapped (`Tracking`) so
 //! that the request using a connection can have it stopped from another thread
 //! (`Call`): the watcher does that when the client leaves.
+//!
+//! The wrapper also tells whether a request went out on a connection reused from the
+//! pool, and whether any byte of a reply came back on it (`Attempt`): a backend may
+//! close an idle keep-alive connection (uvicorn, which serves vLLM, does after 5 s)
+//! just as the router sends on it, and such a request is sent again, once, at once, on
+//! a fresh connection (`BackendAgent::send`), rather than failing with a 502 nobody
+//! caused. A pooled connection that holds unread bytes or that the backend closed is
+//! never handed out: ureq probes it at checkout and at return.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 
 use parking_lot::Mutex;
@@ -138,11 +147,79 @@ impl BackendAgent {
         }
     }
 
-    pub fn run<S: AsSendBody>(
+    /// Sends `request`, configured by `configure`, and waits for its reply head. A
+    /// request that failed on a connection reused from the pool before any byte of a
+    /// reply came back is sent again, as a copy, once, at once, on a fresh
+    /// connection, while `may_retry` agrees: the backend closed that idle connection as
+    /// it was used (or answered the previous request early and closed, with its body
+    /// unread), so the request never ran there. nginx resends only idempotent requests
+    /// then (unless told `non_idempotent`); here no byte of the reply was seen, so a
+    /// POST is resent as well.
+    pub fn send<S: AsSendBody + Clone>(
         &self,
         request: http::Request<S>,
+        configure: impl Fn(ConfigBuilder<HttpCrateScope<S>>) -> ConfigBuilder<HttpCrateScope<S>>,
+        may_retry: impl Fn() -> bool,
     ) -> Result<http::Response<ureq::Body>, ureq::Error> {
-        self.0.run(request)
+        let again = copy_of(&request);
+        let request = configure(self.configure_request(request)).build();
+        let (result, attempt) = Attempt::run(|| self.0.run(request));
+        let stale = attempt.reused && !attempt.replied;
+        match result {
+            Err(ureq::Error::Io(e)) if stale && may_retry() => {
+                log::debug!("a pooled backend connection failed before any reply ({e}); sending again on a fresh one");
+                // One byte more of output buffer than the pool's connections have: ureq
+                // neither takes a connection from the pool for such a request nor
+                // returns its own to it, so this one is new and goes with the request.
+                let fresh = self
+                    .configure_request(again)
+                    .output_buffer_size(OUTPUT_BUFFER + 1);
+                let request = configure(fresh).build();
+                Attempt::run(|| self.0.run(request)).0
+            }
+            other => other,
+        }
+    }
+}
+
+/// A copy of `request` (ureq takes a request by value): its method, target, version,
+/// headers and body.
+fn copy_of<S: Clone>(request: &http::Request<S>) -> http::Request<S> {
+    let mut copy = http::Request::new(request.body().clone());
+    *copy.method_mut() = request.method().clone();
+    *copy.uri_mut() = request.uri().clone();
+    *copy.version_mut() = request.version();
+    *copy.headers_mut() = request.headers().clone();
+    copy
+}
+
+/// What one request (one `Agent::run`, and the reading of its body) saw of the backend
+/// connection it used: written by `Tracked` on the thread that runs the request.
+#[derive(Clone, Copy, Default)]
+struct Attempt {
+    /// Unique per attempt; 0 outside `Attempt::run`.
+    id: u64,
+    /// The connection had served an earlier attempt: it came from the pool.
+    reused: bool,
+    /// Some byte of a reply arrived on it.
+    replied: bool,
+}
+
+impl Attempt {
+    /// Runs `f`, one request's `Agent::run`, as a new attempt on this thread; returns
+    /// its result and what it saw. The attempt stays current afterwards, while the
+    /// caller reads the body, until the thread's next attempt.
+    fn run<R>(f: impl FnOnce() -> R) -> (R, Attempt) {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let id = NEXT.fetch_add(1, Ordering::Relaxed);
+        ATTEMPT.with(|a| {
+            a.set(Attempt {
+                id,
+                ..Attempt::default()
+            })
+        });
+        let result = f();
+        (result, ATTEMPT.with(Cell::get))
     }
 }
 
@@ -229,6 +306,8 @@ impl Call {
 thread_local! {
     /// The backend call of the request this worker thread is serving.
     static CURRENT: RefCell<Option<Arc<Call>>> = const { RefCell::new(None) };
+    /// The attempt this thread is running or last ran (`BackendAgent::send`).
+    static ATTEMPT: Cell<Attempt> = const { Cell::new(Attempt { id: 0, reused: false, replied: false }) };
 }
 
 /// ureq's own connectors (TCP, then TLS), with each connection wrapped in `Tracked`.
@@ -265,7 +344,11 @@ impl Connector for Tracking {
         };
         let transport = self.0.connect(&inner, chained)?;
         let handle = handle.lock().take();
-        Ok(transport.map(|inner| Tracked { inner, handle }))
+        Ok(transport.map(|inner| Tracked {
+            inner,
+            handle,
+            last_attempt: 0,
+        }))
     }
 }
 
@@ -275,16 +358,40 @@ impl Connector for Tracking {
 struct Tracked {
     inner: Box<dyn Transport>,
     handle: Option<Weak<dyn ShutdownHandle>>,
+    /// The attempt that used it last (0: none yet, a new connection).
+    last_attempt: u64,
 }
 
 impl Tracked {
-    fn in_use(&self) {
+    fn in_use(&mut self) {
+        ATTEMPT.with(|a| {
+            let mut attempt = a.get();
+            if attempt.id != 0 && attempt.id != self.last_attempt {
+                attempt.reused = self.last_attempt != 0;
+                self.last_attempt = attempt.id;
+                a.set(attempt);
+            }
+        });
         let Some(handle) = &self.handle else {
             return;
         };
         CURRENT.with(|current| {
             if let Some(call) = current.borrow().as_ref() {
                 *call.0.lock() = Some(handle.clone());
+            }
+        });
+    }
+
+    /// Marks the current attempt as answered once reply bytes are in the buffer.
+    fn note_reply(&mut self) {
+        if self.inner.buffers().input().is_empty() {
+            return;
+        }
+        ATTEMPT.with(|a| {
+            let mut attempt = a.get();
+            if attempt.id != 0 && attempt.id == self.last_attempt && !attempt.replied {
+                attempt.replied = true;
+                a.set(attempt);
             }
         });
     }
@@ -302,12 +409,16 @@ impl Transport for Tracked {
 
     fn maybe_await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
         self.in_use();
-        self.inner.maybe_await_input(timeout)
+        let result = self.inner.maybe_await_input(timeout);
+        self.note_reply();
+        result
     }
 
     fn await_input(&mut self, timeout: NextTimeout) -> Result<bool, ureq::Error> {
         self.in_use();
-        self.inner.await_input(timeout)
+        let result = self.inner.await_input(timeout);
+        self.note_reply();
+        result
     }
 
     fn is_open(&mut self) -> bool {

@@ -9,8 +9,8 @@
 //! - The operator files in `deploy/` (Grafana dashboard, Prometheus config) use only
 //!   metric names the router exports, and pass `promtool`.
 //!
-//! `promtool` (Debian package `prometheus`) is required: CI installs it before
-//! `make test`.
+//! `promtool` (Debian package `prometheus`) is required: `make test` installs it when
+//! it is missing (as root, with apt-get).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Read, Write};
@@ -312,7 +312,7 @@ fn promtool(args: &[&str], stdin: &[u8]) -> (bool, String) {
         .unwrap_or_else(|e| {
             panic!(
                 "cannot run promtool ({e}); these tests need it: \
-                 `apt-get install prometheus` (Debian package prometheus)"
+                 `make test` installs it, or `apt-get install prometheus`"
             )
         });
     let mut input = child.stdin.take().expect("promtool stdin");
@@ -980,6 +980,11 @@ fn backend_load_from_the_mock_shows_in_load_stats_and_limits_admission() {
     });
     let s = load_entry(&router, 0);
     assert_eq!((&s["in_flight"], &s["load"]), (&0.into(), &3.into()), "{s}");
+    // `available` is what admission would still hand out: the cap less the load it
+    // counts, other routers' requests included.
+    assert_eq!(s["available"], 1, "{s}");
+    let summary = &router.get_json("/load-stats")["summary"];
+    assert_eq!(summary["available"], 1, "{summary}");
     assert_eq!(s["backend_kv_cache_usage"], 0.03, "{s}");
     let e = scrape(&router);
     let on = [("backend", mock.url.as_str())];

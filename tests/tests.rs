@@ -5,6 +5,9 @@ mod support;
 
 /// Admission: the per-backend cap, even spread, the FIFO queue and its limits.
 mod admission;
+/// Backends that misbehave as real ones do: idle closes, early replies, stray bytes,
+/// slowness, blips (issue 13).
+mod backend;
 /// The command line and the config file: check-config, errors, precedence.
 mod cli;
 /// Backends that send garbage: clean errors, counted as failures.
