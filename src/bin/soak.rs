@@ -1721,10 +1721,29 @@ fn partial_body(addr: SocketAddr, request_id: &str, sent: usize) -> Result<Conn,
     Ok(conn)
 }
 
-/// A head and the first 1000 bytes of the body, then nothing.
+/// A head and the first 1000 bytes of the body, then nothing: once
+/// `client_body_timeout` has passed the router answers 408 with `Connection: close`
+/// and closes the connection (as nginx does).
 fn slow_body(addr: SocketAddr, n: u64) -> Result<Duration, String> {
-    let conn = partial_body(addr, &format!("{SLOW_BODY_ID}{n}"), 1000)?;
-    closed_in_time(&conn.stream, Instant::now())
+    let mut conn = partial_body(addr, &format!("{SLOW_BODY_ID}{n}"), 1000)?;
+    let since = Instant::now();
+    conn.stream
+        .set_read_timeout(Some(CLIENT_TIMEOUT + CLOSE_SLACK))
+        .map_err(|e| format!("set_read_timeout: {e}"))?;
+    let reply = conn.read_reply()?;
+    let took = since.elapsed();
+    if reply.status != 408
+        || !header(&reply.headers, "connection").is_some_and(|v| v.eq_ignore_ascii_case("close"))
+    {
+        return Err(format!(
+            "answered {} {:?}, not 408 with Connection: close",
+            reply.status, reply.headers
+        ));
+    }
+    if !poll_closed(&conn.stream, CLOSE_SLACK)? {
+        return Err("still open after its 408".into());
+    }
+    in_time(took)
 }
 
 /// A stream of `STALLED_TOKENS` tokens sent as fast as the mock can: the client reads
@@ -1732,6 +1751,10 @@ fn slow_body(addr: SocketAddr, n: u64) -> Result<Duration, String> {
 /// are full.
 fn stalled_reader(addr: SocketAddr, n: u64) -> Result<Duration, String> {
     let mut conn = Conn::open(addr).map_err(|e| format!("connect: {e}"))?;
+    // A small receive buffer, so the router's writes block soon after the client stops
+    // reading: with the kernel's autotuned megabytes, how long filling them takes
+    // depends on how fast the mock makes tokens, not on the router.
+    small_receive_buffer(&conn.stream)?;
     let body = format!(
         r#"{{"model":"mock-model","messages":[{{"role":"user","content":"soak"}}],"max_tokens":{STALLED_TOKENS},"stream":true}}"#
     );
@@ -1796,6 +1819,27 @@ fn cut_body(addr: SocketAddr, n: u64) -> Result<Duration, String> {
         return Err(format!("answered after {:.1} s", took.as_secs_f64()));
     }
     Ok(took)
+}
+
+/// Caps the kernel's receive buffer of `stream` at 16 KiB (std has no call for it).
+fn small_receive_buffer(stream: &TcpStream) -> Result<(), String> {
+    use std::os::fd::AsRawFd;
+    let size: libc::c_int = 16 * 1024;
+    // SAFETY: a valid socket and a pointer to a c_int that lives across the call, with
+    // its size.
+    let rc = unsafe {
+        libc::setsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(format!("SO_RCVBUF: {}", io::Error::last_os_error()));
+    }
+    Ok(())
 }
 
 /// Whether the router has closed `stream` (the end of the stream, or a reset),
