@@ -22,16 +22,24 @@ build:
 run: build
 	./$(RELEASE_BIN) run --config ./servers.toml --console
 
-## The whole test suite: unit and integration tests against the real binaries, then
-## the HTTPS tests in a build with the `tls` feature. The metrics tests check the
-## /metrics exposition with promtool (Debian package prometheus): installed here when
-## it is missing and root may, as .ci/run does; otherwise the suite says it is missing.
-test:
-	@command -v promtool >/dev/null 2>&1 || \
+# $(call need,COMMAND,DEBIAN-PACKAGE): installs the package when COMMAND is missing and
+# root may (apt-get), or stops saying what to install.
+define need
+@command -v $(1) >/dev/null 2>&1 || \
 		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
-		  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null 2>&1 || \
-		    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; }; }; } || \
-		{ echo "promtool is missing and cannot be installed here: install the Debian package prometheus" >&2; exit 1; }
+		  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(2) >/dev/null 2>&1 || \
+		    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(2) >/dev/null; }; }; } || \
+		{ echo "$(1) is missing and cannot be installed here: install the Debian package $(2)" >&2; exit 1; }
+endef
+
+## The whole test suite: unit and integration tests against the real binaries, then
+## the HTTPS tests in a build with the `tls` feature. Two real tools are used, and
+## installed here when missing and root may, as .ci/run does: promtool (Debian package
+## prometheus) checks the /metrics exposition, Node's llhttp (package nodejs) is the
+## reference parser of the differential test.
+test:
+	$(call need,promtool,prometheus)
+	$(call need,node,nodejs)
 	$(CARGO) test --locked --all-targets
 	$(CARGO) test --locked --features tls --test integration tls::
 

@@ -241,7 +241,9 @@ fn key_values(record: &Record<'_>) -> Fields {
 }
 
 /// ` key=value` per pair; values with spaces, quotes or `=` are quoted so the line
-/// stays splittable.
+/// stays splittable, and so are values with control characters, which quoting
+/// escapes (`\u{1b}`): a field may come from a client (the `model` of a request
+/// body), and a raw ESC would reach the terminal of whoever reads the log.
 fn human_suffix(kvs: &Fields) -> String {
     let mut out = String::new();
     for (key, value) in kvs {
@@ -249,8 +251,8 @@ fn human_suffix(kvs: &Fields) -> String {
             serde_json::Value::String(s) => s.clone(),
             other => other.to_string(),
         };
-        let quote =
-            text.is_empty() || text.contains(|c: char| c.is_whitespace() || "\"=".contains(c));
+        let quote = text.is_empty()
+            || text.contains(|c: char| c.is_whitespace() || c.is_control() || "\"=".contains(c));
         let _ = match quote {
             true => write!(out, " {key}={text:?}"),
             false => write!(out, " {key}={text}"),
@@ -370,6 +372,25 @@ mod tests {
         let suffix =
             r#" request_id=abc status=200 retried=false delta=-3 time=1.5 model="a \"b\"""#;
         assert_eq!(human_suffix(&fields), suffix);
+    }
+
+    #[test]
+    fn control_characters_in_a_field_are_escaped_on_human_lines() {
+        let fields: Fields = [
+            ("model", "a\u{1b}[31mb"),
+            ("path", "/x\u{9b}y"),
+            ("agent", "line\nbreak"),
+            ("plain", "mock-model"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), serde_json::Value::from(*v)))
+        .collect();
+        let suffix = human_suffix(&fields);
+        assert_eq!(
+            suffix,
+            r#" model="a\u{1b}[31mb" path="/x\u{9b}y" agent="line\nbreak" plain=mock-model"#
+        );
+        assert!(!suffix.contains(char::is_control), "{suffix:?}");
     }
 
     #[test]

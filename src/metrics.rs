@@ -24,7 +24,9 @@ use crate::admission::TableView;
 
 /// Why the router closes a client connection itself: refused at accept (over
 /// `max_client_connections` or `max_connections_per_ip`, no thread, no file
-/// descriptor), or closed for breaking a client timeout (`Connection::timed_out`).
+/// descriptor), or closed for breaking a client timeout. Every label
+/// `observe_connection_closed` is given must be here: one missing was never exported,
+/// and in debug builds its `debug_assert` killed the accept thread (`per_ip` was).
 pub const CONNECTION_CLOSE_REASONS: [&str; 7] = [
     "over_cap",
     "per_ip",

@@ -10,6 +10,11 @@ mod admission;
 mod backend;
 /// The command line and the config file: check-config, errors, precedence.
 mod cli;
+/// The parsing front against llhttp (Node's HTTP parser), request by request.
+mod differential;
+/// The front door: smuggling, lenient forms, caps and timeouts on the router's own
+/// HTTP/1.1 server, each refusal one reply and the end of the connection.
+mod front_door;
 /// Backends that send garbage: clean errors, counted as failures.
 mod garbage;
 /// Authentication, limits and hostile input.

@@ -129,22 +129,11 @@ impl Connection {
         let mut scanner = Scanner::default();
         loop {
             let unread = &self.buf[self.start..];
-            match scanner.scan(unread) {
+            match head::next_head(&mut scanner, unread, max_bytes) {
                 Err(e) => return Err(HeadRead::Invalid(e)),
-                Ok(Some(end)) if end > max_bytes => {
-                    return Err(HeadRead::Invalid(HeadError::TooLarge))
-                }
-                Ok(Some(end)) => {
-                    let parsed = head::parse(&unread[..end]);
+                Ok(Some((head, end))) => {
                     self.consume(end);
-                    return parsed.map_err(HeadRead::Invalid);
-                }
-                Ok(None) if unread.len() > max_bytes => {
-                    return Err(HeadRead::Invalid(if head::request_line_too_long(unread) {
-                        HeadError::TargetTooLong
-                    } else {
-                        HeadError::TooLarge
-                    }))
+                    return Ok(head);
                 }
                 Ok(None) => {}
             }

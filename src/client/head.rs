@@ -169,6 +169,28 @@ impl Scanner {
     }
 }
 
+/// The next head in `buf` as the connection reads it (`Connection::read_head`, less the
+/// socket): `Ok(Some((head, n)))` when `buf[..n]` is a whole head that parses,
+/// `Ok(None)` while more bytes are needed and allowed. A head over `max_bytes` is
+/// refused, even before its end arrives, so a client cannot make the router hold more.
+/// `scanner` carries the scan across calls on a growing `buf`.
+pub fn next_head(
+    scanner: &mut Scanner,
+    buf: &[u8],
+    max_bytes: usize,
+) -> Result<Option<(Head, usize)>, HeadError> {
+    match scanner.scan(buf)? {
+        Some(end) if end > max_bytes => Err(HeadError::TooLarge),
+        Some(end) => parse(&buf[..end]).map(|head| Some((head, end))),
+        None if buf.len() > max_bytes => Err(if request_line_too_long(buf) {
+            HeadError::TargetTooLong
+        } else {
+            HeadError::TooLarge
+        }),
+        None => Ok(None),
+    }
+}
+
 /// Whether a head that is still incomplete after `buf` is refused as a target too
 /// long (414) rather than a head too large (431): its request line alone is past the
 /// target cap.
@@ -220,6 +242,7 @@ pub fn parse(head: &[u8]) -> Result<Head, HeadError> {
     for field in request.headers.iter() {
         headers.push((field.name.to_owned(), field_value(field.name, field.value)?));
     }
+    refuse_tabs_in_framing(head)?;
     let framing = framing(&headers)?;
     let hosts = headers
         .iter()
@@ -305,6 +328,13 @@ pub fn check_target(target: &str) -> Result<(), HeadError> {
             "the request target {target:?} must be a path starting with /"
         )));
     }
+    // httparse lets UTF-8 through; a URI holds ASCII only (RFC 3986), and backends
+    // decode raw bytes over 0x7F each their own way.
+    if let Some(b) = target.bytes().find(|b| !b.is_ascii_graphic()) {
+        return Err(malformed(format!(
+            "the request target holds the byte 0x{b:02x}; percent-encode it"
+        )));
+    }
     if target.contains('#') {
         return Err(malformed("the request target holds a fragment (#)"));
     }
@@ -380,6 +410,27 @@ fn framing(headers: &[(String, String)]) -> Result<Framing, HeadError> {
             "both Content-Length and Transfer-Encoding: the body length is ambiguous",
         )),
     }
+}
+
+/// Refuses a tab anywhere in a Content-Length or Transfer-Encoding line. httparse
+/// trims one after the value as whitespace, where llhttp (strict) refuses it: a framing
+/// field is read in its one plain form, with spaces, or not at all. `head` is the
+/// whole head, every line ending in CRLF (`find_end`).
+fn refuse_tabs_in_framing(head: &[u8]) -> Result<(), HeadError> {
+    for line in head.split(|&b| b == b'\n').skip(1) {
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let name = &line[..colon];
+        for framing in ["Content-Length", "Transfer-Encoding"] {
+            if name.eq_ignore_ascii_case(framing.as_bytes()) && line[colon..].contains(&b'\t') {
+                return Err(malformed(format!(
+                    "a tab in the {framing} field: only spaces may surround its value"
+                )));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// A Content-Length value: 1 to 19 decimal digits and nothing else.
@@ -479,12 +530,17 @@ mod tests {
             "Transfer-Encoding: chunked, identity",
             "Transfer-Encoding: \x0bchunked",
             "Content-Length: 5\r\nTransfer-Encoding: chunked",
+            "Content-Length: 5\t",
+            "Content-Length:\t5",
+            "Transfer-Encoding: chunked\t",
         ] {
             let text = format!("POST / HTTP/1.1\r\nHost: a\r\n{bad}\r\n\r\n");
             assert!(matches!(refused(&text), HeadError::Malformed(_)), "{bad:?}");
         }
         let chunked = head("POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n");
         assert_eq!(chunked.expect("valid").framing, Framing::Chunked);
+        let spaced = head("POST / HTTP/1.1\r\nHost: a\r\nContent-Length:  5 \r\n\r\n");
+        assert_eq!(spaced.expect("valid").framing, Framing::Length(5));
     }
 
     #[test]
@@ -578,6 +634,7 @@ mod tests {
             "/v1/%4",
             "*",
             "http://example.com/v1/models",
+            "/v1/caf\u{e9}",
         ] {
             assert!(check_target(bad).is_err(), "{bad}");
         }

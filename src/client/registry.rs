@@ -237,4 +237,14 @@ mod tests {
         assert_eq!(clients.open(), 0);
         assert!(clients.per_ip.lock().is_empty());
     }
+
+    #[test]
+    fn every_refusal_has_a_close_reason_in_the_metrics() {
+        for refusal in [Refusal::OverCap, Refusal::PerIp] {
+            assert!(
+                crate::metrics::CONNECTION_CLOSE_REASONS.contains(&refusal.label()),
+                "{refusal:?}"
+            );
+        }
+    }
 }

@@ -11,15 +11,16 @@
 //! request ended; one dropped while a panic unwinds first answers 500 if nothing was
 //! written yet.
 
+use std::fmt;
 use std::net::SocketAddr;
 use std::ops::Deref;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::client::budget::{self, Budget, Share};
-use crate::client::chunked::Decoder;
+use crate::client::chunked::{ChunkError, Decoder};
 use crate::client::connection::{is_timeout, Connection};
-use crate::client::head::{Framing, Head, Version};
+use crate::client::head::{self, Framing, Head, HeadError, Scanner, Version};
 use crate::client::registry::{Returned, Ticket};
 use crate::client::reply;
 use crate::error::RouterError;
@@ -234,6 +235,54 @@ impl Request {
             _share: Some(share),
         })
     }
+}
+
+/// Why `message_end` refused a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageError {
+    Head(HeadError),
+    Body(ChunkError),
+}
+
+impl fmt::Display for MessageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MessageError::Head(e) => e.fmt(f),
+            MessageError::Body(e) => e.fmt(f),
+        }
+    }
+}
+
+/// Where the first request in `buf` ends, its body included, decided by the code a
+/// connection runs: `head::next_head` as `Connection::read_head` calls it, then the
+/// framing `read_body` follows, with its chunked `Decoder`. `Ok(Some((head, n)))`: the
+/// request is `buf[..n]`; `Ok(None)`: more bytes are needed. What only the config
+/// decides (`max_body_bytes`, the budget, the timeouts) and what is refused once the
+/// head is read (methods, keys, WebSocket) are the caller's: this is the framing
+/// verdict, without a socket, that the differential test against llhttp and the fuzz
+/// targets (`fuzz/`) check.
+pub fn message_end(
+    buf: &[u8],
+    max_header_bytes: usize,
+) -> Result<Option<(Head, usize)>, MessageError> {
+    let Some((head, head_len)) = head::next_head(&mut Scanner::default(), buf, max_header_bytes)
+        .map_err(MessageError::Head)?
+    else {
+        return Ok(None);
+    };
+    let body = &buf[head_len..];
+    let body_len = match head.framing {
+        Framing::None => Some(0),
+        Framing::Length(n) => usize::try_from(n).ok().filter(|&n| n <= body.len()),
+        Framing::Chunked => {
+            let mut decoder = Decoder::default();
+            let used = decoder
+                .feed(body, &mut Vec::new())
+                .map_err(MessageError::Body)?;
+            decoder.is_done().then_some(used)
+        }
+    };
+    Ok(body_len.map(|n| (head, head_len + n)))
 }
 
 /// How much of the budget a chunked body takes at a time.
