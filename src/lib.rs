@@ -1,6 +1,6 @@
 //! vllm-router: a synchronous thread-pool proxy in front of vLLM OpenAI-compatible
 //! servers. ARCHITECTURE.md is the map; each module's doc says what it owns.
-#![deny(unsafe_code)] // the exceptions (client::watch, server) say why where they allow it
+#![deny(unsafe_code)] // the exceptions (client::watch, client::budget, server) say why where they allow it
 
 pub mod access;
 pub mod admission;

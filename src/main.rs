@@ -131,6 +131,7 @@ fn run(args: RunArgs, env: &dyn Fn(&str) -> Option<String>) -> ExitCode {
             thread.name().unwrap_or("unnamed")
         );
     }));
+    vllm_router::client::budget::return_freed_bodies_to_the_system();
     match serve(
         config,
         source,

@@ -19,11 +19,8 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 use crate::support::{
-    chat_for, request, servers_toml, wait_until, Conn, FakeBackend, Mock, Resp, Router, CHAT,
+    chat_for, request, servers_toml, wait_until, Conn, FakeBackend, Mock, Resp, Router, CHAT, SOON,
 };
-
-/// The bound for anything that should happen at once.
-const SOON: Duration = Duration::from_secs(5);
 
 /// The model only the misbehaving backend serves.
 const GARBAGE_MODEL: &str = "garbage-model";

@@ -15,12 +15,9 @@ use std::time::{Duration, Instant};
 use serde_json::{json, Value};
 
 use crate::support::{
-    chat_for, free_port, request, test_dir, wait_until, Conn, FakeBackend, Mock, Proc, Resp,
-    Router, CHAT, CHAT_BODY, ROUTER,
+    admitted, chat_for, free_port, request, test_dir, wait_until, Conn, FakeBackend, Mock, Proc,
+    Resp, Router, CHAT, CHAT_BODY, ROUTER, SOON,
 };
-
-/// The bound for anything that should happen at once or within a few intervals.
-const SOON: Duration = Duration::from_secs(5);
 
 /// A servers.toml: each backend as (url, extra fields of its entry, e.g.
 /// `, api_key = "x"`), then the `[config]` lines.
@@ -1389,24 +1386,6 @@ fn a_client_that_stops_reading_is_dropped_and_its_backend_request_ends() {
         crate::support::post(router.addr, &[], CHAT_BODY).status,
         200
     );
-}
-
-/// Opens a connection and has `/livez` answered on it, retrying while the router
-/// still counts connections that just closed.
-fn admitted(addr: SocketAddr) -> Conn {
-    let mut admitted = None;
-    wait_until(SOON, "a connection admitted", || {
-        let mut conn = Conn::open(addr);
-        conn.stream
-            .set_read_timeout(Some(Duration::from_secs(2)))
-            .expect("timeout");
-        conn.send("GET", "/livez", &[], b"", false);
-        if conn.read_response(false).is_ok_and(|r| r.status == 200) {
-            admitted = Some(conn);
-        }
-        admitted.is_some()
-    });
-    admitted.expect("admitted")
 }
 
 #[test]

@@ -12,12 +12,9 @@ use serde_json::Value;
 
 use crate::support::{
     chat_for, free_port, parse_json_lines, post, request, servers_toml, test_dir, try_post,
-    wait_until, Conn, Load, Mock, Router, CHAT, CHAT_BODY,
+    wait_until, Conn, Load, Mock, Router, CHAT, CHAT_BODY, SOON,
 };
 
-/// No `model`: these requests may go to any backend, whatever models it serves.
-/// The bound for anything that should happen at once or within a few intervals.
-const SOON: Duration = Duration::from_secs(5);
 /// Frequent reloads and health checks, so a reload shows within a fraction of a second.
 const FAST: &str = "config_reload_interval = 0.2\nhealth_check_interval = 0.2";
 

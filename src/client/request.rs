@@ -153,9 +153,6 @@ impl Request {
         let mut share = budget.share();
         let mut bytes = Vec::new();
         let no_room = || RouterError::BodyBudget;
-        let body_timeout = RouterError::BodyTimeout {
-            limit: limits.timeout,
-        };
         match framing {
             Framing::Length(n) => {
                 if !budget.grow(&mut share, n, limits.budget, room_deadline) {
@@ -165,20 +162,12 @@ impl Request {
                 let connection = self.connection();
                 while (bytes.len() as u64) < n {
                     if connection.buffered().is_empty() {
-                        match connection.fill(deadline) {
-                            Ok(0) => {
-                                return Err(RouterError::BadRequest(format!(
-                                    "the request body ended after {} of its {n} bytes",
-                                    bytes.len()
-                                )))
-                            }
-                            Ok(_) => {}
-                            Err(e) if is_timeout(&e) => {
-                                connection.timed_out = Some("slow_body");
-                                return Err(body_timeout);
-                            }
-                            Err(_) => return Err(RouterError::ClientClosed),
-                        }
+                        fill_body(connection, deadline, limits.timeout, || {
+                            format!(
+                                "the request body ended after {} of its {n} bytes",
+                                bytes.len()
+                            )
+                        })?;
                     }
                     let buffered = connection.buffered();
                     let take = buffered.len().min((n - bytes.len() as u64) as usize);
@@ -191,20 +180,12 @@ impl Request {
                 let connection = self.connection();
                 while !decoder.is_done() {
                     if connection.buffered().is_empty() {
-                        match connection.fill(deadline) {
-                            Ok(0) => {
-                                return Err(RouterError::BadRequest(format!(
-                                    "the chunked request body ended after {} bytes, before its last chunk",
-                                    bytes.len()
-                                )))
-                            }
-                            Ok(_) => {}
-                            Err(e) if is_timeout(&e) => {
-                                connection.timed_out = Some("slow_body");
-                                return Err(body_timeout);
-                            }
-                            Err(_) => return Err(RouterError::ClientClosed),
-                        }
+                        fill_body(connection, deadline, limits.timeout, || {
+                            format!(
+                                "the chunked request body ended after {} bytes, before its last chunk",
+                                bytes.len()
+                            )
+                        })?;
                     }
                     let used = decoder
                         .feed(connection.buffered(), &mut bytes)
@@ -283,6 +264,25 @@ pub fn message_end(
         }
     };
     Ok(body_len.map(|n| (head, head_len + n)))
+}
+
+/// Reads more of a body from `connection`, by `deadline`: a client that ends the
+/// body early gets 400 saying how far it got (`ended`), one too slow 408.
+fn fill_body(
+    connection: &mut Connection,
+    deadline: Instant,
+    timeout: Duration,
+    ended: impl FnOnce() -> String,
+) -> Result<(), RouterError> {
+    match connection.fill(deadline) {
+        Ok(0) => Err(RouterError::BadRequest(ended())),
+        Ok(_) => Ok(()),
+        Err(e) if is_timeout(&e) => {
+            connection.timed_out = Some("slow_body");
+            Err(RouterError::BodyTimeout { limit: timeout })
+        }
+        Err(_) => Err(RouterError::ClientClosed),
+    }
 }
 
 /// How much of the budget a chunked body takes at a time.

@@ -911,3 +911,24 @@ impl Router {
         });
     }
 }
+
+/// The bound for anything that should happen at once.
+pub const SOON: Duration = Duration::from_secs(5);
+
+/// Opens a connection and has `/livez` answered on it, retrying while the router
+/// still counts connections that just closed.
+pub fn admitted(addr: SocketAddr) -> Conn {
+    let mut admitted = None;
+    wait_until(SOON, "a connection admitted", || {
+        let mut conn = Conn::open(addr);
+        conn.stream
+            .set_read_timeout(Some(Duration::from_secs(2)))
+            .expect("timeout");
+        conn.send("GET", "/livez", &[], b"", false);
+        if conn.read_response(false).is_ok_and(|r| r.status == 200) {
+            admitted = Some(conn);
+        }
+        admitted.is_some()
+    });
+    admitted.expect("admitted")
+}
