@@ -124,3 +124,23 @@ bench:
 		    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }; }; } || \
 		echo "nginx not installed and cannot be installed here: the benchmark skips it"
 	$(or $(CARGO_TARGET_DIR),target)/release/bench
+
+## Fuzz the request framing and the chunked decoder (fuzz/, cargo-fuzz), each target for
+## FUZZ_SECONDS (default 60); not part of `make test`. Installs cargo-fuzz when missing.
+## Uses rustup's nightly when there is one, else the default toolchain with
+## RUSTC_BOOTSTRAP=1 (FUZZ_TOOLCHAIN=stable forces that; FUZZ_FLAGS adds cargo-fuzz flags).
+FUZZ_SECONDS ?= 60
+FUZZ_TARGETS := request_framing chunked_decoder
+FUZZ_TOOLCHAIN ?= $(shell rustup toolchain list 2>/dev/null | grep -q '^nightly' && echo nightly)
+FUZZ_CARGO = $(if $(filter nightly%,$(FUZZ_TOOLCHAIN)),,RUSTC_BOOTSTRAP=1 )$(CARGO)$(if $(FUZZ_TOOLCHAIN), +$(FUZZ_TOOLCHAIN))
+FUZZ_FLAGS ?=
+.PHONY: fuzz
+fuzz:
+	@$(CARGO) fuzz --version >/dev/null 2>&1 || $(CARGO) install cargo-fuzz --locked
+	$(FUZZ_CARGO) fuzz build $(FUZZ_FLAGS)
+	@set -e; for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$t; \
+		echo "fuzz: $$t for $(FUZZ_SECONDS) s"; \
+		$(FUZZ_CARGO) fuzz run $(FUZZ_FLAGS) $$t fuzz/corpus/$$t fuzz/seeds/$$t -- \
+			-max_total_time=$(FUZZ_SECONDS); \
+	done

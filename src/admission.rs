@@ -46,7 +46,7 @@ use crate::config::ServerConfig;
 use crate::upstream::{AgentConfig, BackendAgent};
 
 /// How often a waiting request asks whether it is still wanted (`acquire_while`): the
-/// watcher marks a client that left at once, so this bounds how long its slot in line
+/// connection thread marks a client that left at once, so this bounds how long its slot in line
 /// outlives it, and a thousand waiters wake four thousand times a second at most.
 const WANTED_EVERY: Duration = Duration::from_millis(250);
 

@@ -60,8 +60,8 @@ pub fn handle(mut request: Request, shared: &Arc<Shared>) {
         &request.head.target,
         request.head.header(access::REQUEST_ID_HEADER),
     );
-    // The backend connection the request uses is recorded, so that the watcher can
-    // stop it when the client leaves (`Conn::mark_client_left`).
+    // The backend connection the request uses is recorded, so that the connection
+    // thread can stop it when the client leaves (`client::handoff`).
     let call = Arc::clone(request.ticket().backend_call());
     call.during(|| proxy(&mut request, shared, &mut access));
     let known_model = access
@@ -143,7 +143,7 @@ fn proxy(request: &mut Request, shared: &Arc<Shared>, access: &mut Access) {
         // A failed generation, not a failing backend: passive health is untouched.
         End::ErrorEvent => "backend_error",
         End::ClientGone => "client_gone",
-        // The watcher stopped the backend connection: not the backend's fault.
+        // The client left and its connection thread stopped the backend connection: not the backend's fault.
         End::BackendBroke(_) if exchange.ticket.client_left() => "client_gone",
         End::BackendBroke(why) => {
             exchange.record_failure(&slot, why);
@@ -241,7 +241,7 @@ impl Exchange<'_> {
             let slot = self.admit(want.clone())?;
             let result = self.send(&slot);
             if result.is_err() && self.ticket.client_left() {
-                // The watcher stopped the backend connection because the client left:
+                // The connection thread stopped the backend connection because the client left:
                 // not the backend's fault, and nobody to retry for. The request did
                 // reach this backend, which the access log says.
                 access.backend = Some(slot.backend_url().to_owned());
@@ -333,7 +333,7 @@ impl Exchange<'_> {
                 // producing tokens is never cut, one that stalls is.
                 .timeout_per_read(Some(timeout))
         };
-        // A request whose client left is not sent again (the watcher stopped it).
+        // A request whose client left is not sent again (its backend connection was stopped).
         let may_retry = || !self.ticket.client_left();
         slot.agent()
             .send(request, configure, may_retry)

@@ -32,7 +32,6 @@ use crate::client::head::Upgrade;
 use crate::client::registry::{Conn, Refusal, Returned};
 use crate::client::reply;
 use crate::client::request::Request;
-use crate::client::watch::Watcher;
 use crate::config::Config;
 use crate::endpoints;
 use crate::error::RouterError;
@@ -174,7 +173,6 @@ struct Incoming {
 struct Front {
     shared: Arc<Shared>,
     pool: Arc<Pool>,
-    watcher: Arc<Watcher>,
     tls: Option<tls::Identity>,
 }
 
@@ -222,6 +220,7 @@ fn accept_loop(listener: &TcpListener, front: &Arc<Front>) {
                         "{per_ip} client connections are open from {} (max_connections_per_ip): new ones from it are closed at once",
                         peer.ip()
                     ),
+                    Refusal::NoFd => "no file descriptor is left for a client connection's wake-up (eventfd): new connections are closed at once; raise the open files limit (ulimit -n, LimitNOFILE)".to_owned(),
                 });
                 shared.metrics.observe_connection_closed(refusal.label());
                 continue;
@@ -309,10 +308,13 @@ fn serve_connection(tcp: TcpStream, peer: SocketAddr, conn: &Arc<Conn>, front: &
             return;
         }
     };
+    // Idle from the end of the last request (or from the connection's start).
+    let mut idle_since = Instant::now();
     loop {
         let config = shared.config();
         let settings = &config.settings;
-        let deadline = Instant::now() + settings.client_idle_timeout;
+        let idle_timeout = settings.client_idle_timeout;
+        let deadline = idle_since + idle_timeout;
         let head = match connection.read_head(settings.max_header_bytes, deadline) {
             Ok(head) => head,
             Err(HeadRead::Closed) => return,
@@ -335,16 +337,17 @@ fn serve_connection(tcp: TcpStream, peer: SocketAddr, conn: &Arc<Conn>, front: &
         }
         drop(config);
         let fd = connection.fd();
-        let ticket = conn.ticket();
-        let watching = front.watcher.watch(fd, conn);
         front.pool.submit(Incoming {
-            request: Request::new(head, connection, ticket),
+            request: Request::new(head, connection, conn.ticket()),
         });
-        let Returned {
-            connection: mut returned,
-            reusable,
-        } = conn.wait_return();
-        drop(watching);
+        let (
+            Returned {
+                connection: mut returned,
+                reusable,
+            },
+            returned_at,
+        ) = conn.take_back(fd, idle_timeout);
+        idle_since = returned_at;
         if let Some(reason) = returned.timed_out.take() {
             shared.metrics.observe_connection_closed(reason);
         }
@@ -400,11 +403,9 @@ pub fn start(
     for _ in 0..workers.min(RESERVE_WORKERS) {
         pool.start_worker()?;
     }
-    let watcher = Watcher::start().map_err(|e| format!("cannot start the client watcher: {e}"))?;
     let front = Arc::new(Front {
         shared,
         pool: Arc::clone(&pool),
-        watcher,
         tls: identity,
     });
     thread::Builder::new()

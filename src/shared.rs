@@ -8,7 +8,7 @@
 //! | agents     | `admission`, one in each backend's entry    | `relay`, health probes      |
 //! | `metrics`  | workers, health and reload threads (counts) | `/metrics`                  |
 //! | `draining` | the signal handler, once                    | `/readyz`, workers          |
-//! | `clients`  | accept and connection threads, workers, the watcher (see `client::registry`) | `/metrics` |
+//! | `clients`  | accept and connection threads, workers (see `client::registry`) | `/metrics` |
 //! | `budget`   | workers, as they read and drop request bodies | workers |
 //!
 //! The agents, ureq's HTTP clients (`upstream`), live in the `table`: each backend's is

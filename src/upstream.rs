@@ -18,7 +18,7 @@
 //!
 //! Each agent's connections come from ureq's own connectors, wrapped (`Tracking`) so
 //! that the request using a connection can have it stopped from another thread
-//! (`Call`): the watcher does that when the client leaves.
+//! (`Call`): the connection thread does that when the client leaves (`client::handoff`).
 //!
 //! The wrapper also tells whether a request went out on a connection reused from the
 //! pool, and whether any byte of a reply came back on it (`Attempt`): a backend may
@@ -271,7 +271,7 @@ mod tests {
 /// request whose connection closes.
 ///
 /// Written by the worker's own reads and writes (through `Tracked`, while the worker
-/// runs inside `Call::during`); shut down by the watcher (`client::watch`).
+/// runs inside `Call::during`); shut down by the connection thread when the client leaves (`client::handoff`).
 #[derive(Default)]
 pub struct Call(Mutex<Option<Weak<dyn ShutdownHandle>>>);
 

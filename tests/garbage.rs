@@ -430,8 +430,8 @@ fn a_reply_cut_mid_body_never_looks_complete_and_counts_as_a_failure() {
     );
 }
 
-/// An HTTP/1.0 keep-alive client needs a length up front, so the router reads the
-/// reply whole first: a reply that breaks off must become a clean 502.
+/// An HTTP/1.0 keep-alive client gets the backend's Content-Length, or a reply
+/// delimited by the close: one that breaks off must never look complete to it.
 #[test]
 fn a_reply_cut_mid_body_never_looks_complete_to_an_http10_keep_alive_client() {
     let mut s = setup(Garbage::CutBody);

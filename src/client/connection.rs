@@ -118,7 +118,8 @@ impl Connection {
         !matches!(self.stream, Stream::Plain(_))
     }
 
-    /// The socket's descriptor, for the watcher of clients that leave.
+    /// The socket's descriptor, which the connection thread polls while a worker has
+    /// the connection (`client::handoff`).
     pub fn fd(&self) -> RawFd {
         self.tcp().as_raw_fd()
     }

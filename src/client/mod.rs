@@ -8,7 +8,8 @@
 //! - `reply`: writing replies, the only code that knows response framing.
 //! - `budget`: the memory all request bodies held at once may take.
 //! - `registry`: the open connections (caps in all and per address) and what a
-//!   connection's threads share; `watch`: noticing clients that leave.
+//!   connection's threads share; `handoff`: taking a connection back from its worker,
+//!   and noticing meanwhile a client that leaves.
 //!
 //! The accept loop, the connection threads and the worker pool that drive these are in
 //! `server`.
@@ -16,8 +17,8 @@
 pub mod budget;
 pub mod chunked;
 pub mod connection;
+pub mod handoff;
 pub mod head;
 pub mod registry;
 pub mod reply;
 pub mod request;
-pub mod watch;

@@ -4,21 +4,23 @@
 //! Who writes what:
 //! - the accept thread: `admit` (one more connection, per address too);
 //! - the connection thread: `Conn::ticket` when it lends the connection to a worker,
-//!   `wait_return` to take it back;
-//! - the worker: through its `Request`, `hand_back` once, however the request ends;
-//! - the watcher (`client::watch`): `client_left` when the client closes its side
-//!   while a request runs, and it stops the request's backend connection.
+//!   `take_back` to take it back (`client::handoff`), and `client_left` when the
+//!   client closes its side meanwhile, which stops the request's backend connection;
+//! - the worker: through its `Request`, `hand_back` once, however the request ends.
 //!
 //! A `Conn` drops with its connection thread, which gives its places back.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 
 use crate::client::connection::Connection;
+use crate::client::handoff::Handoff;
 use crate::upstream::Call;
 
 /// Every client connection the router holds.
@@ -36,6 +38,8 @@ pub enum Refusal {
     OverCap,
     /// `max_connections_per_ip` are open from its address.
     PerIp,
+    /// No file descriptor was left for the connection's eventfd.
+    NoFd,
 }
 
 impl Refusal {
@@ -43,6 +47,7 @@ impl Refusal {
         match self {
             Refusal::OverCap => "over_cap",
             Refusal::PerIp => "per_ip",
+            Refusal::NoFd => "no_fd",
         }
     }
 }
@@ -73,6 +78,10 @@ impl Clients {
                 (n < cap).then_some(n + 1)
             })
             .map_err(|_| Refusal::OverCap)?;
+        let Ok(handoff) = Handoff::new() else {
+            self.open.fetch_sub(1, Ordering::SeqCst);
+            return Err(Refusal::NoFd);
+        };
         let ip = canonical(peer.ip());
         let counted_ip = if per_ip_cap > 0 {
             let mut per_ip = self.per_ip.lock();
@@ -93,8 +102,7 @@ impl Clients {
             peer,
             client_left: AtomicBool::new(false),
             backend_call: Arc::default(),
-            returned: Mutex::new(None),
-            returned_cv: Condvar::new(),
+            handoff,
         }))
     }
 }
@@ -124,8 +132,7 @@ pub struct Conn {
     client_left: AtomicBool,
     /// The backend connection the current request uses, stopped when the client leaves.
     backend_call: Arc<Call>,
-    returned: Mutex<Option<Returned>>,
-    returned_cv: Condvar,
+    handoff: Handoff,
 }
 
 impl Conn {
@@ -137,19 +144,15 @@ impl Conn {
         }
     }
 
-    /// Waits for the worker to give the connection back (connection thread).
-    pub fn wait_return(&self) -> Returned {
-        let mut returned = self.returned.lock();
-        loop {
-            if let Some(r) = returned.take() {
-                return r;
-            }
-            self.returned_cv.wait(&mut returned);
-        }
+    /// Waits for the worker to give the connection back, marking the request when the
+    /// client leaves meanwhile (connection thread); says when it came back.
+    pub fn take_back(&self, socket: RawFd, check_every: Duration) -> (Returned, Instant) {
+        self.handoff
+            .take_back(socket, check_every, || self.mark_client_left())
     }
 
-    /// The client has gone: nobody will read the reply (watcher).
-    pub fn mark_client_left(&self) {
+    /// The client has gone: nobody will read the reply.
+    fn mark_client_left(&self) {
         if !self.client_left.swap(true, Ordering::SeqCst) {
             self.backend_call.shut_down();
         }
@@ -196,8 +199,7 @@ impl Ticket {
 
     /// Gives the connection back to its thread (the request's end).
     pub fn hand_back(&self, returned: Returned) {
-        *self.conn.returned.lock() = Some(returned);
-        self.conn.returned_cv.notify_one();
+        self.conn.handoff.hand_back(returned);
     }
 }
 
@@ -240,7 +242,7 @@ mod tests {
 
     #[test]
     fn every_refusal_has_a_close_reason_in_the_metrics() {
-        for refusal in [Refusal::OverCap, Refusal::PerIp] {
+        for refusal in [Refusal::OverCap, Refusal::PerIp, Refusal::NoFd] {
             assert!(
                 crate::metrics::CONNECTION_CLOSE_REASONS.contains(&refusal.label()),
                 "{refusal:?}"
