@@ -1,6 +1,7 @@
 //! The command line: subcommands and flags (argh), and how a setting is resolved from
 //! its four sources. A flag beats an environment variable, which beats the config
-//! file, which beats the default.
+//! file, which beats the default. The defaults are not kept here: they are the ones
+//! beside `impl Default for Settings` (`Settings::DEFAULT_HOST` and the rest).
 
 use std::path::PathBuf;
 
@@ -8,11 +9,6 @@ use argh::FromArgs;
 use log::LevelFilter;
 
 use crate::config::{self, Settings};
-
-pub const DEFAULT_CONFIG_PATH: &str = "./servers.toml";
-pub const DEFAULT_HOST: &str = "0.0.0.0";
-pub const DEFAULT_PORT: u16 = 8888;
-pub const DEFAULT_LOG_DIR: &str = "./logs";
 
 #[derive(FromArgs, Debug)]
 /// A router in front of vLLM OpenAI-compatible servers. Without a subcommand, `run`.
@@ -99,9 +95,13 @@ pub fn healthcheck_url(
             .trim()
             .parse()
             .map_err(|_| format!("PORT={p:?} is not a port number (0 to 65535)"))?,
-        (None, None) => DEFAULT_PORT,
+        (None, None) => Settings::DEFAULT_PORT,
     };
-    let port = if port == 0 { DEFAULT_PORT } else { port };
+    let port = if port == 0 {
+        Settings::DEFAULT_PORT
+    } else {
+        port
+    };
     Ok(format!("http://127.0.0.1:{port}/livez"))
 }
 
@@ -126,7 +126,7 @@ pub fn with_default_subcommand(args: &[String]) -> Vec<String> {
 /// The config file path: flag, then CONFIG_PATH, then ./servers.toml.
 pub fn config_path(flag: Option<PathBuf>, env: &dyn Fn(&str) -> Option<String>) -> PathBuf {
     flag.or_else(|| env("CONFIG_PATH").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_CONFIG_PATH))
+        .unwrap_or_else(|| PathBuf::from(Settings::DEFAULT_CONFIG_PATH))
 }
 
 /// Everything `run` needs besides the config file, resolved.
@@ -150,7 +150,7 @@ pub fn resolve(
         .clone()
         .or_else(|| env("HOST"))
         .or_else(|| file.host.clone())
-        .unwrap_or_else(|| DEFAULT_HOST.to_owned());
+        .unwrap_or_else(|| Settings::DEFAULT_HOST.to_owned());
     if !config::valid_host(&host) {
         return Err(format!("host {host:?} is not an IP address or hostname"));
     }
@@ -160,7 +160,7 @@ pub fn resolve(
             .trim()
             .parse()
             .map_err(|_| format!("PORT={p:?} is not a port number (0 to 65535)"))?,
-        (None, None) => file.port.unwrap_or(DEFAULT_PORT),
+        (None, None) => file.port.unwrap_or(Settings::DEFAULT_PORT),
     };
     let console = args.console
         || match env("LOG_TO_CONSOLE") {
@@ -175,13 +175,13 @@ pub fn resolve(
         (None, Some(l)) => config::parse_log_level(&l).ok_or_else(|| {
             format!("LOG_LEVEL={l:?} is not one of error, warn, info, debug, trace")
         })?,
-        (None, None) => file.log_level.unwrap_or(LevelFilter::Info),
+        (None, None) => file.log_level.unwrap_or(Settings::DEFAULT_LOG_LEVEL),
     };
     let log_dir = args
         .log_dir
         .clone()
         .or_else(|| env("LOG_DIR").map(PathBuf::from))
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_LOG_DIR));
+        .unwrap_or_else(|| PathBuf::from(Settings::DEFAULT_LOG_DIR));
     Ok(RunSettings {
         host,
         port,
@@ -233,7 +233,8 @@ mod tests {
         let r = resolve(&none, &env_of(&[]), &file).expect("valid");
         assert_eq!((r.host.as_str(), r.port), ("10.0.0.1", 7000));
         let r = resolve(&none, &env_of(&[]), &Settings::default()).expect("valid");
-        assert_eq!((r.host.as_str(), r.port), (DEFAULT_HOST, DEFAULT_PORT));
+        let defaults = (Settings::DEFAULT_HOST, Settings::DEFAULT_PORT);
+        assert_eq!((r.host.as_str(), r.port), defaults);
         assert_eq!(r.log_level, LevelFilter::Info);
         assert!(!r.console);
     }
@@ -312,7 +313,39 @@ mod tests {
         );
         assert_eq!(
             config_path(None, &env_of(&[])),
-            PathBuf::from(DEFAULT_CONFIG_PATH)
+            PathBuf::from(Settings::DEFAULT_CONFIG_PATH)
         );
+    }
+
+    /// argh's help text cannot be computed, so it repeats the defaults: this keeps it
+    /// saying the ones in force.
+    #[test]
+    fn help_states_the_defaults_in_force() {
+        // argh wraps long lines: compare with runs of whitespace as one space.
+        let help = |sub: &str| match Cli::from_args(&["vllm-router"], &[sub, "--help"]) {
+            Err(early) => early
+                .output
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" "),
+            Ok(_) => panic!("--help parsed as a run"),
+        };
+        let run = help("run");
+        let level = Settings::DEFAULT_LOG_LEVEL.as_str().to_lowercase();
+        for stated in [
+            format!("env CONFIG_PATH, default {}", Settings::DEFAULT_CONFIG_PATH),
+            format!("env HOST, default {}", Settings::DEFAULT_HOST),
+            format!("env PORT, default {}", Settings::DEFAULT_PORT),
+            format!("env LOG_LEVEL, default {level}"),
+            format!("env LOG_DIR, default {}", Settings::DEFAULT_LOG_DIR),
+        ] {
+            assert!(run.contains(&stated), "no {stated:?} in\n{run}");
+        }
+        let check = help("check-config");
+        let stated = format!("default {}", Settings::DEFAULT_CONFIG_PATH);
+        assert!(check.contains(&stated), "no {stated:?} in\n{check}");
+        let probe = help("healthcheck");
+        let stated = format!("env PORT, default {}", Settings::DEFAULT_PORT);
+        assert!(probe.contains(&stated), "no {stated:?} in\n{probe}");
     }
 }
