@@ -323,7 +323,7 @@ mod tests {
 
     #[test]
     fn summary_marks_defaults() {
-        let config = super::super::parse(PRODUCTION, Path::new("servers.toml")).expect("valid");
+        let config = crate::config::parse(PRODUCTION, Path::new("servers.toml")).expect("valid");
         let summary = config.summary();
         let expected = [
             "config file: servers.toml",
