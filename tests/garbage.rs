@@ -9,7 +9,7 @@
 //! `/v1/models` (listing `garbage-model`) properly and misbehaves on every POST. The
 //! good backend is a `mock-vllm` serving `mock-model`; requests pick one by `model`.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::streaming::{next_chunk, Next};
 use crate::support::{
     chat_for, request, servers_toml, wait_until, Conn, FakeBackend, Mock, Resp, Router, CHAT, SOON,
 };
@@ -290,15 +291,15 @@ fn assert_never_complete(conn: &mut Conn, what: &str) -> Option<Vec<u8>> {
     let mut body = Vec::new();
     if header("transfer-encoding").is_some_and(|te| te.eq_ignore_ascii_case("chunked")) {
         loop {
-            match conn.read_chunk() {
-                Ok(Some(chunk)) => body.extend_from_slice(&chunk),
-                Ok(None) => panic!(
+            match next_chunk(&mut conn.reader, what) {
+                Next::Chunk(chunk) => body.extend_from_slice(&chunk),
+                Next::End => panic!(
                     "{what}: the reply ended with a terminating chunk, as a complete one \
                      does, after {:?}",
                     String::from_utf8_lossy(&body)
                 ),
-                Err(e) => {
-                    eprintln!("{what}: the client saw the reply break off: {e}");
+                Next::Broke(how) => {
+                    eprintln!("{what}: the client saw the reply break off: {how}");
                     return Some(body);
                 }
             }
@@ -307,12 +308,23 @@ fn assert_never_complete(conn: &mut Conn, what: &str) -> Option<Vec<u8>> {
     if let Some(len) = header("content-length") {
         let len: usize = len.parse().expect("content-length");
         let mut buf = vec![0; len];
-        let got = conn.reader.read_exact(&mut buf);
-        assert!(
-            got.is_err(),
-            "{what}: all {len} declared bytes arrived: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
+        // The connection must end before the declared length: a read that times out
+        // instead is a client left hanging, not a break it can see.
+        match conn.reader.read_exact(&mut buf) {
+            Ok(()) => panic!(
+                "{what}: all {len} declared bytes arrived: {:?}",
+                String::from_utf8_lossy(&buf)
+            ),
+            Err(e) => assert!(
+                matches!(
+                    e.kind(),
+                    ErrorKind::UnexpectedEof
+                        | ErrorKind::ConnectionReset
+                        | ErrorKind::ConnectionAborted
+                ),
+                "{what}: the short body did not end with the connection: {e}"
+            ),
+        }
         return None;
     }
     // Framed by the close: nothing tells the client the body is short.

@@ -1,4 +1,5 @@
-use std::net::SocketAddr;
+use std::io::{BufRead, BufReader, ErrorKind, Read};
+use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -8,6 +9,69 @@ use crate::support::{servers_toml, wait_until, Conn, Mock, Router};
 const CHAT: &str = "/v1/chat/completions";
 const STREAM_BODY: &str =
     r#"{"model":"mock-model","messages":[{"role":"user","content":"hi"}],"stream":true}"#;
+
+/// What comes next in a chunked reply, as its client sees it.
+#[derive(Debug, PartialEq)]
+pub(crate) enum Next {
+    Chunk(Vec<u8>),
+    /// The terminating chunk: the reply looks complete.
+    End,
+    /// The connection ended (EOF or reset) before the terminating chunk: the break
+    /// no client can miss.
+    Broke(String),
+}
+
+/// Reads the next chunk of a chunked reply. Only the connection's end counts as a
+/// break: a read timeout panics, because a router that stops sending but keeps the
+/// connection open leaves its client hanging, which it cannot tell from a slow
+/// stream; a malformed chunk panics too, as the router must never send one.
+pub(crate) fn next_chunk(reader: &mut BufReader<TcpStream>, what: &str) -> Next {
+    let ended = |e: std::io::Error| match e.kind() {
+        ErrorKind::UnexpectedEof
+        | ErrorKind::ConnectionReset
+        | ErrorKind::ConnectionAborted
+        | ErrorKind::BrokenPipe => Next::Broke(e.to_string()),
+        ErrorKind::WouldBlock | ErrorKind::TimedOut => panic!(
+            "{what}: the reply neither went on nor ended within the read timeout: \
+             a hung reply is no visible break"
+        ),
+        _ => panic!("{what}: reading the reply: {e}"),
+    };
+    let mut line = Vec::new();
+    match reader.read_until(b'\n', &mut line) {
+        Err(e) => return ended(e),
+        Ok(_) if !line.ends_with(b"\n") => {
+            return Next::Broke(format!(
+                "EOF after {:?} of a chunk header",
+                String::from_utf8_lossy(&line)
+            ))
+        }
+        Ok(_) => {}
+    }
+    let size = std::str::from_utf8(&line)
+        .ok()
+        .and_then(|l| usize::from_str_radix(l.trim_end(), 16).ok())
+        .unwrap_or_else(|| {
+            panic!(
+                "{what}: a malformed chunk header {:?}",
+                String::from_utf8_lossy(&line)
+            )
+        });
+    let mut data = vec![0; size + 2];
+    if let Err(e) = reader.read_exact(&mut data) {
+        return ended(e);
+    }
+    assert!(
+        data.ends_with(b"\r\n"),
+        "{what}: a chunk not followed by CRLF"
+    );
+    data.truncate(size);
+    if size == 0 {
+        Next::End
+    } else {
+        Next::Chunk(data)
+    }
+}
 
 /// Opens a stream of `tokens` events `delay_ms` apart and returns the connection with
 /// the head already read.
@@ -179,10 +243,15 @@ fn a_backend_that_breaks_mid_stream_never_looks_complete() {
         conn.read_chunk().expect("first event"),
         Some(b"data: one\n\n".to_vec())
     );
-    // Next comes no terminating chunk but an error the client cannot miss.
+    // Next comes no terminating chunk but the connection's end, soon: the client
+    // cannot miss it, nor wait for it forever.
+    conn.stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("read timeout");
+    let next = next_chunk(&mut conn.reader, "after the backend broke off");
     assert!(
-        conn.read_chunk().is_err(),
-        "a broken stream must not end like a complete one"
+        matches!(next, Next::Broke(_)),
+        "a broken stream must end with the connection, not with {next:?}"
     );
     wait_until(Duration::from_secs(5), "slot freed", || {
         router.in_flight() == [0]
