@@ -9,7 +9,8 @@ use std::path::Path;
 
 use proptest::prelude::*;
 use vllm_router::client::{chunked, head};
-use vllm_router::{auth, config, headers, relay};
+use vllm_router::config;
+use vllm_router::request::{auth, headers, relay};
 
 const GUIDE: &str = include_str!("fixtures/guide-production.toml");
 

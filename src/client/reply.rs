@@ -2,7 +2,7 @@
 //!
 //! A relayed reply goes out as it arrives (`BodyWriter`): the head, then each piece of
 //! body as one chunk, flushed at once, so an SSE event leaves the router the moment it
-//! arrives from the backend (the listening socket has `TCP_NODELAY`, see `server`, so
+//! arrives from the backend (the listening socket has `TCP_NODELAY`, see `client::listener`, so
 //! small writes are not held by Nagle either). Replies whose whole body is known (the
 //! router's own JSON and errors) go out in one write (`send_full`).
 //!
@@ -21,7 +21,7 @@ use std::time::Instant;
 use crate::client::connection::Connection;
 use crate::client::head::Version;
 use crate::client::request::Request;
-use crate::error::RouterError;
+use crate::request::error::RouterError;
 
 /// How the body of a reply is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -10,7 +10,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::admission::Rejection;
+use crate::backend::registry::Rejection;
 use crate::client::head::HeadError;
 
 /// An error the router answers itself, before or instead of a backend reply.

@@ -3,7 +3,7 @@
 //!
 //! It owns each backend's check history (`Track`) and is the only writer of active
 //! health in the slot table (`Table::record_check`, `set_models`);
-//! passive health (request failures) is written by `relay`. The probes themselves run
+//! passive health (request failures) is written by `request::relay`. The probes themselves run
 //! on short-lived threads, at most one per backend at a time, and report back over a
 //! channel, so a hung backend never delays the checks of the others.
 //!
@@ -38,11 +38,11 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use crate::admission::{BackendId, BackendView, CheckStats, Reported, NOT_CHECKED};
-use crate::auth::Secret;
+use crate::backend::http::BackendAgent;
+use crate::backend::registry::{BackendId, BackendView, CheckStats, Reported, NOT_CHECKED};
 use crate::config::Settings;
+use crate::request::auth::Secret;
 use crate::shared::Shared;
-use crate::upstream::BackendAgent;
 
 /// Checks remembered per backend.
 const WINDOW: usize = 10;

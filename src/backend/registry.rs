@@ -14,13 +14,13 @@
 //!
 //! Each backend's routable state lives here too, because admission reads it under the
 //! same lock: `healthy` and its `reason` (written by the health thread and by passive
-//! health in `relay`, only through `record_check`, `request_failed` and
+//! health in `request::relay`, only through `record_check`, `request_failed` and
 //! `request_succeeded`) and the model list (written by the health thread). A request
 //! names what it wants (`Want`: a model, and backends already tried) and only matching
 //! healthy backends are considered, in the queue as well.
 //!
-//! Each entry also owns its backend's HTTP client (`upstream::BackendAgent`, see
-//! `upstream` for why there is one per backend): made with the entry, kept by a server
+//! Each entry also owns its backend's HTTP client (`backend::http::BackendAgent`, see
+//! `backend::http` for why there is one per backend): made with the entry, kept by a server
 //! that stays across a reload, handed to each `Slot` (and to health probes,
 //! `agent_of`) as a clone, and dropped with the entry and the last of those clones.
 //!
@@ -41,9 +41,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Condvar, Mutex, MutexGuard};
 
-use crate::auth::Secret;
+use crate::backend::http::{AgentConfig, BackendAgent};
 use crate::config::ServerConfig;
-use crate::upstream::{AgentConfig, BackendAgent};
+use crate::request::auth::Secret;
 
 /// How often a waiting request asks whether it is still wanted (`acquire_while`): the
 /// connection thread marks a client that left at once, so this bounds how long its slot in line

@@ -18,15 +18,15 @@ use ureq::config::ConfigBuilder;
 use ureq::http;
 use ureq::typestate::HttpCrateScope;
 
-use crate::access::{self, Access};
-use crate::admission::{Limits, Slot, Want};
-use crate::auth;
+use crate::backend::registry::{Limits, Slot, Want};
 use crate::client::registry::Ticket;
 use crate::client::reply::{self, BodyWriter, Framing};
 use crate::client::request::{BodyLimits, Request};
 use crate::config::Config;
-use crate::error::RouterError;
-use crate::headers;
+use crate::request::access::{self, Access};
+use crate::request::auth;
+use crate::request::error::RouterError;
+use crate::request::headers;
 use crate::shared::Shared;
 
 /// Connecting to a backend on the same network takes milliseconds; a backend that

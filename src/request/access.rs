@@ -3,7 +3,7 @@
 //! the backend's view of the same request.
 //!
 //! Entries go to the `access` log target at info level, with every figure as a
-//! structured field (see `logging`). They carry the path without its query string, and
+//! structured field (see `control::logging`). They carry the path without its query string, and
 //! never a header or a body: an API key or a prompt cannot reach the log through them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,7 +74,7 @@ impl Access {
         let model = self.model.as_deref().unwrap_or("-");
         let backend = self.backend.as_deref().unwrap_or("-");
         log::info!(
-            target: crate::logging::ACCESS_TARGET,
+            target: crate::control::logging::ACCESS_TARGET,
             request_id = self.request_id.as_str(),
             method = self.method.as_str(),
             path = self.path.as_str(),
