@@ -6,6 +6,7 @@
 //!   down and up.
 //! - `http`: the HTTP client towards the backends, one ureq agent per backend.
 
+pub mod entry;
 pub mod health;
 pub mod http;
 pub mod registry;

@@ -10,8 +10,8 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::backend::registry::Rejection;
 use crate::client::head::HeadError;
+use crate::request::queue::Rejection;
 
 /// An error the router answers itself, before or instead of a backend reply.
 #[derive(Debug, Clone, PartialEq, Eq)]

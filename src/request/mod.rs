@@ -14,5 +14,7 @@ pub mod auth;
 pub mod endpoints;
 pub mod error;
 pub mod headers;
+pub mod pick;
 pub mod pool;
+pub mod queue;
 pub mod relay;

@@ -18,7 +18,7 @@ use ureq::config::ConfigBuilder;
 use ureq::http;
 use ureq::typestate::HttpCrateScope;
 
-use crate::backend::registry::{Limits, Slot, Want};
+use crate::backend::registry::Slot;
 use crate::client::registry::Ticket;
 use crate::client::reply::{self, BodyWriter, Framing};
 use crate::client::request::{BodyLimits, Request};
@@ -27,6 +27,7 @@ use crate::request::access::{self, Access};
 use crate::request::auth;
 use crate::request::error::RouterError;
 use crate::request::headers;
+use crate::request::queue::{Limits, Want};
 use crate::shared::Shared;
 
 /// Connecting to a backend on the same network takes milliseconds; a backend that
@@ -350,6 +351,7 @@ impl Exchange<'_> {
             settings.failure_threshold,
             settings.auto_recovery_threshold,
             active,
+            Instant::now(),
         );
         if marked_down {
             let back = if active {
