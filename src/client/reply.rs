@@ -205,25 +205,6 @@ fn full_reply(
     out
 }
 
-/// The headers of one of the router's own error replies.
-fn error_headers(err: &RouterError, extra: &[(String, String)]) -> Vec<(String, String)> {
-    let mut headers = vec![("Content-Type".to_owned(), "application/json".to_owned())];
-    headers.extend_from_slice(extra);
-    if let Some(secs) = err.retry_after() {
-        headers.push(("Retry-After".to_owned(), secs.to_string()));
-    }
-    if let RouterError::MethodNotAllowed { allow } = err {
-        headers.push(("Allow".to_owned(), (*allow).to_owned()));
-    }
-    if let RouterError::Unauthorized = err {
-        headers.push((
-            "WWW-Authenticate".to_owned(),
-            "Bearer realm=\"vllm-router\"".to_owned(),
-        ));
-    }
-    headers
-}
-
 /// Answers with one of the router's own errors, adding `extra` headers. Returns the
 /// size of the body sent.
 pub fn send_error(
@@ -231,24 +212,19 @@ pub fn send_error(
     err: &RouterError,
     extra: &[(String, String)],
 ) -> io::Result<u64> {
-    let body = err.body();
-    send_full(
-        request,
-        err.status(),
-        &error_headers(err, extra),
-        body.as_bytes(),
-    )?;
-    Ok(body.len() as u64)
+    let reply = err.reply(extra);
+    send_full(request, reply.status, &reply.headers, reply.body.as_bytes())?;
+    Ok(reply.body.len() as u64)
 }
 
 /// Answers a head the router could not read, on a connection that closes after it.
 pub fn send_head_error(connection: &mut Connection, err: &RouterError) -> io::Result<()> {
-    let body = err.body();
+    let reply = err.reply(&[]);
     let out = full_reply(
         Version::Http11,
-        err.status(),
-        &error_headers(err, &[]),
-        body.as_bytes(),
+        reply.status,
+        &reply.headers,
+        reply.body.as_bytes(),
         false,
         true,
     );

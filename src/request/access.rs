@@ -64,6 +64,13 @@ impl Access {
         self.first_byte.map(|t| t.duration_since(self.started))
     }
 
+    /// Puts this request's id on a list of headers (towards the backend, or the
+    /// client), replacing any the list had: the one place the header is set.
+    pub fn tag(&self, headers: &mut Vec<(String, String)>) {
+        headers.retain(|(name, _)| !name.eq_ignore_ascii_case(REQUEST_ID_HEADER));
+        headers.push((REQUEST_ID_HEADER.to_owned(), self.request_id.clone()));
+    }
+
     /// Writes the entry.
     pub fn finish(self) {
         let ms = |d: Duration| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;

@@ -37,11 +37,10 @@ pub fn try_handle(mut request: Request, shared: &Arc<Shared>) -> Option<Request>
         _ => false,
     };
     let refused = needs_key
-        && !auth::authorized(
+        && auth::check(
             request.head.header("authorization"),
             shared.client_keys(&config),
-        )
-        && shared.client_keys(&config).next().is_some();
+        ) == auth::Verdict::Refused;
     let result = if refused {
         shared
             .metrics

@@ -13,6 +13,14 @@ use std::time::Duration;
 use crate::client::head::HeadError;
 use crate::request::queue::Rejection;
 
+/// One of the router's own error replies, as `RouterError::reply` makes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
+
 /// An error the router answers itself, before or instead of a backend reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RouterError {
@@ -169,6 +177,32 @@ impl RouterError {
             | RouterError::ShuttingDown
             | RouterError::BodyBudget => Some(1),
             _ => None,
+        }
+    }
+
+    /// The whole reply to this error but its framing: status, headers (`extra`, the
+    /// request id, after `Content-Type`) and body. `Connection` and the length are the
+    /// connection's business (`client::reply`): whether it closes depends on what was
+    /// read of the request, not on the error.
+    pub fn reply(&self, extra: &[(String, String)]) -> ErrorReply {
+        let mut headers = vec![("Content-Type".to_owned(), "application/json".to_owned())];
+        headers.extend_from_slice(extra);
+        if let Some(secs) = self.retry_after() {
+            headers.push(("Retry-After".to_owned(), secs.to_string()));
+        }
+        if let RouterError::MethodNotAllowed { allow } = self {
+            headers.push(("Allow".to_owned(), (*allow).to_owned()));
+        }
+        if let RouterError::Unauthorized = self {
+            headers.push((
+                "WWW-Authenticate".to_owned(),
+                "Bearer realm=\"vllm-router\"".to_owned(),
+            ));
+        }
+        ErrorReply {
+            status: self.status(),
+            headers,
+            body: self.body(),
         }
     }
 

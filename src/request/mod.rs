@@ -13,6 +13,7 @@ pub mod access;
 pub mod auth;
 pub mod endpoints;
 pub mod error;
+pub mod exchange;
 pub mod headers;
 pub mod pick;
 pub mod pool;
