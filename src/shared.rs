@@ -5,7 +5,7 @@
 //! |------------|---------------------------------------------------|----------------------------------|
 //! | `config`   | `main` at start, then the reload thread           | every request, at its start      |
 //! | `table`    | `backend::registry` only (acquire, release, close) | status endpoints (views)        |
-//! | agents     | `backend::registry`, one in each backend's entry  | `request::relay`, health probes  |
+//! | agents     | `backend::registry`, one in each backend's entry  | `request::exchange`, health probes |
 //! | `metrics`  | workers, health and reload threads (counts)       | `/metrics`                       |
 //! | `draining` | the signal handler, once                          | `/readyz`, workers               |
 //! | `clients`  | accept and connection threads, workers (see `client::registry`) | `/metrics`         |

@@ -9,4 +9,5 @@
 pub mod entry;
 pub mod health;
 pub mod http;
+pub mod probe;
 pub mod registry;

@@ -16,7 +16,7 @@
 //!
 //! Each backend's routable state lives here, because admission reads it under the
 //! same lock: `healthy` and its `reason` (written by the health thread and by passive
-//! health in `request::relay`, only through `record_check`, `request_failed` and
+//! health in `request::exchange` and `request::relay`, only through `record_check`, `request_failed` and
 //! `request_succeeded`) and the model list (written by the health thread). A request
 //! names what it wants (`Want`: a model, and backends already tried) and only matching
 //! healthy backends are considered, in the queue as well.

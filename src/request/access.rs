@@ -129,6 +129,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_request_id_replaces_any_other() {
+        let access = Access::start("GET", "/x", Some("id-1"));
+        let mut headers = vec![
+            ("x-request-id".to_owned(), "forged".to_owned()),
+            ("Accept".to_owned(), "*/*".to_owned()),
+        ];
+        access.tag(&mut headers);
+        assert_eq!(
+            headers,
+            [
+                ("Accept".to_owned(), "*/*".to_owned()),
+                (REQUEST_ID_HEADER.to_owned(), "id-1".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
     fn request_ids_are_reused_only_when_plain() {
         assert_eq!(
             Access::start("GET", "/x", Some("abc-123_x.y:z")).request_id,

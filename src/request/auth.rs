@@ -125,6 +125,16 @@ mod tests {
     }
 
     #[test]
+    fn the_check_is_open_without_keys() {
+        let keys = [Secret::new("sk-one")];
+        assert_eq!(check(None, [].iter()), Verdict::Open);
+        assert_eq!(check(Some("Bearer x"), [].iter()), Verdict::Open);
+        assert_eq!(check(Some("Bearer sk-one"), keys.iter()), Verdict::Granted);
+        assert_eq!(check(Some("Bearer sk-two"), keys.iter()), Verdict::Refused);
+        assert_eq!(check(None, keys.iter()), Verdict::Refused);
+    }
+
+    #[test]
     fn key_files_skip_blanks_and_comments() {
         let keys = parse_key_file("# team a\nsk-a\n\n  sk-b  \n").expect("valid");
         assert_eq!(keys, [Secret::new("sk-a"), Secret::new("sk-b")]);

@@ -351,6 +351,33 @@ mod tests {
     }
 
     #[test]
+    fn an_error_reply_carries_its_own_headers_after_the_extra_ones() {
+        let id = [("X-Request-Id".to_owned(), "r".to_owned())];
+        let names = |err: RouterError| {
+            let reply = err.reply(&id);
+            assert_eq!(reply.status, err.status());
+            assert_eq!(reply.body, err.body());
+            reply
+                .headers
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(RouterError::NoBackend),
+            ["Content-Type", "X-Request-Id", "Retry-After"]
+        );
+        assert_eq!(
+            names(RouterError::Unauthorized),
+            ["Content-Type", "X-Request-Id", "WWW-Authenticate"]
+        );
+        assert_eq!(
+            names(RouterError::MethodNotAllowed { allow: "GET, HEAD" }),
+            ["Content-Type", "X-Request-Id", "Allow"]
+        );
+    }
+
+    #[test]
     fn status_and_body_are_decided_together() {
         check(
             RouterError::QueueFull { queue_len: 3 },
