@@ -14,7 +14,7 @@
 //! The agents, ureq's HTTP clients (`backend::http`), live in the `table`: each backend's is
 //! made with its entry (at start, or when a reload adds the server) and goes with it.
 //! A request takes a clone with its slot (`Slot::agent`), a health probe one for its
-//! round (`Table::agent_of`), so a backend removed by a reload keeps its agent until
+//! round (`Table::probe_of`), so a backend removed by a reload keeps its agent until
 //! the last of them ends. They need no lock of the router's: ureq's pool has its own.
 
 use std::sync::atomic::{AtomicBool, Ordering};

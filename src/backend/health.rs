@@ -42,7 +42,6 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use crate::backend::probe::Target;
 use crate::backend::registry::{BackendId, BackendView, CheckStats, Reported, NOT_CHECKED};
 use crate::config::Settings;
-use crate::request::auth::Secret;
 use crate::shared::Shared;
 
 /// Checks remembered per backend.
@@ -107,12 +106,7 @@ fn run(shared: &Arc<Shared>) {
         tracks.retain(|id, _| view.backends.iter().any(|b| b.id == *id));
         for backend in &view.backends {
             let track = tracks.entry(backend.id).or_default();
-            let key = config
-                .servers
-                .iter()
-                .find(|s| s.url == backend.url)
-                .and_then(|s| s.api_key.clone());
-            start_probe_if_due(shared, backend, key, track, settings, &tx);
+            start_probe_if_due(shared, backend, track, settings, &tx, Instant::now());
         }
         let mut tick = settings.health_check_interval.min(IDLE_TICK);
         if !settings.backend_metrics_interval.is_zero() {
@@ -122,48 +116,37 @@ fn run(shared: &Arc<Shared>) {
     }
 }
 
-/// Starts a probe thread for `backend` when one is due and none is running.
+/// Which parts of a probe round are due for a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Due {
+    check: bool,
+    models: bool,
+    scrape: bool,
+}
+
+/// Starts a probe thread for `backend` when one is due at `now` and none is running.
 fn start_probe_if_due(
     shared: &Arc<Shared>,
     b: &BackendView,
-    key: Option<Secret>,
     track: &mut Track,
     s: &Settings,
     tx: &Sender<Report>,
+    now: Instant,
 ) {
     if track.probing {
         return;
     }
-    let now = Instant::now();
-    let check_due = if let Some(until) = b
-        .down_by_requests_until
-        .filter(|_| !s.enable_active_health_check)
-    {
-        now >= until
-            && track
-                .last_probe
-                .is_none_or(|t| now >= t + s.health_check_interval.min(IDLE_TICK * 4))
-    } else {
-        s.enable_active_health_check
-            && track
-                .last_probe
-                .is_none_or(|t| now >= t + s.health_check_interval)
-    };
-    // Models are read for a backend that is up or about to be checked: at its first
-    // check, after it recovers (`models_fetched` reset), and when the list is stale.
-    let models_wanted = track
-        .models_fetched
-        .is_none_or(|t| now >= t + MODELS_REFRESH);
-    let models_due = models_wanted && (b.healthy || check_due);
-    let scrape_every = s.backend_metrics_interval;
-    let scrape_due = b.healthy
-        && !scrape_every.is_zero()
-        && track.last_scrape.is_none_or(|t| now >= t + scrape_every);
+    let Due {
+        check: check_due,
+        models: models_due,
+        scrape: scrape_due,
+    } = due(track, b, s, now);
     if !check_due && !models_due && !scrape_due {
         return;
     }
-    // Gone only if a reload removed the backend since the view was taken.
-    let Some(agent) = shared.table.agent_of(b.id) else {
+    // Gone only if a reload removed the backend since the view was taken. The key is
+    // the entry's, the one its requests carry too.
+    let Some((agent, key)) = shared.table.probe_of(b.id) else {
         return;
     };
     track.probing = true;
@@ -210,6 +193,41 @@ fn start_probe_if_due(
     if let Err(e) = spawned {
         track.probing = false;
         log::warn!("cannot start a health probe for {}: {e}", b.url);
+    }
+}
+
+/// What a probe round for `b` should do at `now`: a health check (active checks, or a
+/// backend marked down by requests whose recovery time has come with them off), its
+/// models, its load.
+fn due(track: &Track, b: &BackendView, s: &Settings, now: Instant) -> Due {
+    let check_due = if let Some(until) = b
+        .down_by_requests_until
+        .filter(|_| !s.enable_active_health_check)
+    {
+        now >= until
+            && track
+                .last_probe
+                .is_none_or(|t| now >= t + s.health_check_interval.min(IDLE_TICK * 4))
+    } else {
+        s.enable_active_health_check
+            && track
+                .last_probe
+                .is_none_or(|t| now >= t + s.health_check_interval)
+    };
+    // Models are read for a backend that is up or about to be checked: at its first
+    // check, after it recovers (`models_fetched` reset), and when the list is stale.
+    let models_wanted = track
+        .models_fetched
+        .is_none_or(|t| now >= t + MODELS_REFRESH);
+    let models_due = models_wanted && (b.healthy || check_due);
+    let scrape_every = s.backend_metrics_interval;
+    let scrape_due = b.healthy
+        && !scrape_every.is_zero()
+        && track.last_scrape.is_none_or(|t| now >= t + scrape_every);
+    Due {
+        check: check_due,
+        models: models_due,
+        scrape: scrape_due,
     }
 }
 
@@ -602,6 +620,53 @@ mod tests {
             probes,
             [false, false, true, true],
             "the hold-off, then one probe"
+        );
+    }
+
+    #[test]
+    fn a_backend_down_by_requests_is_probed_once_its_hold_off_is_over() {
+        let s = Settings {
+            enable_active_health_check: false,
+            ..Settings::default()
+        };
+        let now = Instant::now();
+        let b = BackendView {
+            id: 1,
+            url: "http://b".to_owned(),
+            max_concurrent: 4,
+            in_flight: 0,
+            healthy: false,
+            reason: Some("3 consecutive request failures".to_owned()),
+            request_failures: 3,
+            down_by_requests_until: Some(now + Duration::from_secs(10)),
+            models: Vec::new(),
+            checks: CheckStats::default(),
+            reported: None,
+            load: 0,
+            admitted_total: 0,
+        };
+        let mut track = Track::default();
+        assert!(!due(&track, &b, &s, now).check, "held off");
+        let later = now + Duration::from_secs(10);
+        assert!(due(&track, &b, &s, later).check, "the hold-off is over");
+        track.last_probe = Some(later);
+        assert!(
+            !due(&track, &b, &s, later + Duration::from_millis(10)).check,
+            "one probe at a time apart"
+        );
+        let healthy = BackendView {
+            healthy: true,
+            down_by_requests_until: None,
+            ..b
+        };
+        assert_eq!(
+            due(&Track::default(), &healthy, &s, now),
+            Due {
+                check: false,
+                models: true,
+                scrape: !s.backend_metrics_interval.is_zero(),
+            },
+            "active checks off: a healthy backend only has its models read"
         );
     }
 }

@@ -24,7 +24,7 @@
 //! Each entry also owns its backend's HTTP client (`backend::http::BackendAgent`, see
 //! `backend::http` for why there is one per backend): made with the entry, kept by a server
 //! that stays across a reload, handed to each `Slot` (and to health probes,
-//! `agent_of`) as a clone, and dropped with the entry and the last of those clones.
+//! `probe_of`) as a clone, and dropped with the entry and the last of those clones.
 //!
 //! How busy a backend is (`Entry::load`) is the larger of this router's in-flight count
 //! and the load the backend itself reported in its `/metrics` (which includes other
@@ -333,9 +333,13 @@ impl Table {
         !inner.closed && inner.entries.iter().any(|e| e.usable(&Want::default()))
     }
 
-    /// The HTTP client of one backend (while it is not removed), for health probes.
-    pub fn agent_of(&self, id: BackendId) -> Option<BackendAgent> {
-        self.inner.lock().live(id).map(|e| e.agent.clone())
+    /// The HTTP client and the `api_key` of one backend (while it is not removed), for
+    /// health probes: the same key its requests take with their slots.
+    pub fn probe_of(&self, id: BackendId) -> Option<(BackendAgent, Option<Secret>)> {
+        self.inner
+            .lock()
+            .live(id)
+            .map(|e| (e.agent.clone(), e.api_key.clone()))
     }
 
     /// This router's requests in flight on one backend.
