@@ -4,7 +4,8 @@
 //! body as one chunk, flushed at once, so an SSE event leaves the router the moment it
 //! arrives from the backend (the listening socket has `TCP_NODELAY`, see `client::listener`, so
 //! small writes are not held by Nagle either). Replies whose whole body is known (the
-//! router's own JSON and errors) go out in one write (`send_full`).
+//! router's own JSON and errors) go out in one write (`send_full`); an error's status,
+//! headers and body are `RouterError::reply`'s, its framing is this module's.
 //!
 //! Bodies of unknown length are sent chunked to HTTP/1.1 clients; an HTTP/1.0 client,
 //! which has no chunked framing, gets the backend's Content-Length when it sent one and

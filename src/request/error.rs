@@ -1,6 +1,12 @@
 //! The errors the router itself answers with, and the one place that knows their wire
-//! shape: an OpenAI-style body `{"error": {"message", "type", "param", "code"}}` and
-//! the status that goes with it.
+//! shape (`RouterError::reply`): an OpenAI-style body `{"error": {"message", "type",
+//! "param", "code"}}`, the status that goes with it, and the headers it needs
+//! (`Retry-After`, `Allow`, `WWW-Authenticate`). `client::reply` adds the framing.
+//!
+//! It lives in `request` because what gets an error reply is a request: the client
+//! layer's refusals of a head it cannot read (`RouterError::of_head`) are requests
+//! that did not get this far, and admission's refusals (`Rejection`) become errors
+//! here. Every layer names it as `request::error`.
 //!
 //! Errors are classified by side, as a proxy should: the client's mistakes are 4xx,
 //! lack of capacity is 503 with `Retry-After`, a backend that failed is 502 or 504, and
