@@ -1,23 +1,23 @@
 //! vllm-router: a synchronous thread-pool proxy in front of vLLM OpenAI-compatible
 //! servers. ARCHITECTURE.md is the map; each module's doc says what it owns.
-#![deny(unsafe_code)] // the exceptions (client::watch, client::budget, server) say why where they allow it
+//!
+//! The folders are the layers, in the order a request meets them: `client` (a
+//! connection from accept to close), `request` (the request path, from the head to
+//! the last byte of the reply), `backend` (the backends: their registry and slots,
+//! their health, the HTTP client towards them) and `control` (what runs the process:
+//! reload, signals, metrics, logging). `shared` and `tls` stay at the top because
+//! every layer uses them: `Shared` is the state all threads hold, and `tls` serves
+//! both the listener (`client`) and the agents towards https:// backends (`backend`).
+#![deny(unsafe_code)] // the exceptions (client::budget, client::handoff, client::listener) say why where they allow it
 
-pub mod access;
-pub mod admission;
-pub mod auth;
+pub mod backend;
 pub mod cli;
 pub mod client;
 pub mod config;
-pub mod endpoints;
-pub mod error;
-pub mod headers;
-pub mod health;
-pub mod logging;
-pub mod metrics;
-pub mod relay;
-pub mod reload;
-pub mod server;
+pub mod control;
+pub mod request;
 pub mod shared;
-pub mod signals;
 pub mod tls;
-pub mod upstream;
+
+/// `config` names the key type by this path; it goes when `config` moves into `control`.
+pub use request::auth;

@@ -7,9 +7,13 @@ use std::sync::Arc;
 
 use argh::FromArgs;
 
-use vllm_router::auth::{self, Secret};
+use vllm_router::backend::health;
 use vllm_router::cli::{self, CheckConfigArgs, Cli, Command, HealthcheckArgs, RunArgs};
-use vllm_router::{config, health, logging, reload, server, shared::Shared, signals, tls};
+use vllm_router::client::listener;
+use vllm_router::control::{logging, reload, signals};
+use vllm_router::request::auth::{self, Secret};
+use vllm_router::request::pool;
+use vllm_router::{config, shared::Shared, tls};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -48,7 +52,7 @@ fn check_config(args: CheckConfigArgs, env: &dyn Fn(&str) -> Option<String>) -> 
     match config::load(&path) {
         Ok(config) => {
             println!("{}", config.summary());
-            println!("worker threads: {}", server::worker_count(&config));
+            println!("worker threads: {}", pool::worker_count(&config));
             println!("config OK");
             ExitCode::SUCCESS
         }
@@ -157,7 +161,7 @@ fn serve(
     pid_file: Option<&Path>,
     logs: logging::LogHandle,
 ) -> Result<(), String> {
-    let workers = server::worker_count(&config);
+    let workers = pool::worker_count(&config);
     let n_servers = config.servers.len();
     let env_api_key = std::env::var("API_KEY")
         .ok()
@@ -175,7 +179,7 @@ fn serve(
     let signals = signals::listen()?;
     health::spawn(Arc::clone(&shared))
         .map_err(|e| format!("cannot start the health thread: {e}"))?;
-    let (addr, pool) = server::start(
+    let (addr, pool) = listener::start(
         Arc::clone(&shared),
         &settings.host,
         settings.port,

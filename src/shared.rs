@@ -1,20 +1,20 @@
 //! The state every thread shares, built once by `main` and cloned (as `Arc<Shared>`)
 //! into every worker. Each piece has one writer:
 //!
-//! | piece      | written by                                  | read by                     |
-//! |------------|---------------------------------------------|-----------------------------|
-//! | `config`   | `main` at start, then the reload thread     | every request, at its start |
-//! | `table`    | `admission` only (acquire, release, close)  | status endpoints (views)    |
-//! | agents     | `admission`, one in each backend's entry    | `relay`, health probes      |
-//! | `metrics`  | workers, health and reload threads (counts) | `/metrics`                  |
-//! | `draining` | the signal handler, once                    | `/readyz`, workers          |
-//! | `clients`  | accept and connection threads, workers (see `client::registry`) | `/metrics` |
-//! | `budget`   | workers, as they read and drop request bodies | workers |
+//! | piece      | written by                                        | read by                          |
+//! |------------|---------------------------------------------------|----------------------------------|
+//! | `config`   | `main` at start, then the reload thread           | every request, at its start      |
+//! | `table`    | `backend::registry` only (acquire, release, close) | status endpoints (views)        |
+//! | agents     | `backend::registry`, one in each backend's entry  | `request::exchange`, health probes |
+//! | `metrics`  | workers, health and reload threads (counts)       | `/metrics`                       |
+//! | `draining` | the signal handler, once                          | `/readyz`, workers               |
+//! | `clients`  | accept and connection threads, workers (see `client::registry`) | `/metrics`         |
+//! | `budget`   | workers, as they read and drop request bodies     | workers                          |
 //!
-//! The agents, ureq's HTTP clients (`upstream`), live in the `table`: each backend's is
+//! The agents, ureq's HTTP clients (`backend::http`), live in the `table`: each backend's is
 //! made with its entry (at start, or when a reload adds the server) and goes with it.
 //! A request takes a clone with its slot (`Slot::agent`), a health probe one for its
-//! round (`Table::agent_of`), so a backend removed by a reload keeps its agent until
+//! round (`Table::probe_of`), so a backend removed by a reload keeps its agent until
 //! the last of them ends. They need no lock of the router's: ureq's pool has its own.
 
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -23,13 +23,13 @@ use std::time::Instant;
 
 use parking_lot::RwLock;
 
-use crate::admission::Table;
-use crate::auth::Secret;
+use crate::backend::http::AgentConfig;
+use crate::backend::registry::Table;
 use crate::client::budget::Budget;
 use crate::client::registry::Clients;
 use crate::config::Config;
-use crate::metrics::Metrics;
-use crate::upstream::AgentConfig;
+use crate::control::metrics::Metrics;
+use crate::request::auth::Secret;
 
 pub struct Shared {
     config: RwLock<Arc<Config>>,

@@ -16,7 +16,8 @@ use std::process::{Command, Stdio};
 
 use vllm_router::client::head::Upgrade;
 use vllm_router::client::request::{self, MessageError};
-use vllm_router::{config, headers};
+use vllm_router::config;
+use vllm_router::request::headers;
 
 const SCRIPT: &str = concat!(
     env!("CARGO_MANIFEST_DIR"),

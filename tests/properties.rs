@@ -13,8 +13,9 @@ use std::time::Duration;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use vllm_router::client::{chunked, head};
-use vllm_router::error::RouterError;
-use vllm_router::{auth, config, headers, relay};
+use vllm_router::config;
+use vllm_router::request::error::RouterError;
+use vllm_router::request::{auth, headers, relay};
 
 const GUIDE: &str = include_str!("fixtures/guide-production.toml");
 

@@ -234,7 +234,7 @@ pub fn parse(head: &[u8]) -> Result<Head, HeadError> {
     if target.len() > MAX_TARGET_BYTES {
         return Err(HeadError::TargetTooLong);
     }
-    // CONNECT's target is an authority; the router answers it 501 (`relay`).
+    // CONNECT's target is an authority; the router answers it 501 (`request::relay`).
     if method != "CONNECT" {
         check_target(target)?;
     }

@@ -11,14 +11,17 @@
 //!   connection's threads share; `handoff`: taking a connection back from its worker,
 //!   and noticing meanwhile a client that leaves.
 //!
-//! The accept loop, the connection threads and the worker pool that drive these are in
-//! `server`.
+//! - `listener`: the listening socket and the accept loop, with the connection caps;
+//!   `thread`: a connection's own thread, reading heads and lending the connection to
+//!   a worker (`request::pool`) for each request.
 
 pub mod budget;
 pub mod chunked;
 pub mod connection;
 pub mod handoff;
 pub mod head;
+pub mod listener;
 pub mod registry;
 pub mod reply;
 pub mod request;
+pub mod thread;

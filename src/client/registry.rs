@@ -19,9 +19,9 @@ use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 
+use crate::backend::http::Call;
 use crate::client::connection::Connection;
 use crate::client::handoff::Handoff;
-use crate::upstream::Call;
 
 /// Every client connection the router holds.
 pub struct Clients {
@@ -244,7 +244,7 @@ mod tests {
     fn every_refusal_has_a_close_reason_in_the_metrics() {
         for refusal in [Refusal::OverCap, Refusal::PerIp, Refusal::NoFd] {
             assert!(
-                crate::metrics::CONNECTION_CLOSE_REASONS.contains(&refusal.label()),
+                crate::control::metrics::CONNECTION_CLOSE_REASONS.contains(&refusal.label()),
                 "{refusal:?}"
             );
         }

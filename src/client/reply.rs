@@ -2,9 +2,10 @@
 //!
 //! A relayed reply goes out as it arrives (`BodyWriter`): the head, then each piece of
 //! body as one chunk, flushed at once, so an SSE event leaves the router the moment it
-//! arrives from the backend (the listening socket has `TCP_NODELAY`, see `server`, so
+//! arrives from the backend (the listening socket has `TCP_NODELAY`, see `client::listener`, so
 //! small writes are not held by Nagle either). Replies whose whole body is known (the
-//! router's own JSON and errors) go out in one write (`send_full`).
+//! router's own JSON and errors) go out in one write (`send_full`); an error's status,
+//! headers and body are `RouterError::reply`'s, its framing is this module's.
 //!
 //! Bodies of unknown length are sent chunked to HTTP/1.1 clients; an HTTP/1.0 client,
 //! which has no chunked framing, gets the backend's Content-Length when it sent one and
@@ -21,7 +22,7 @@ use std::time::Instant;
 use crate::client::connection::Connection;
 use crate::client::head::Version;
 use crate::client::request::Request;
-use crate::error::RouterError;
+use crate::request::error::RouterError;
 
 /// How the body of a reply is delimited.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -205,25 +206,6 @@ fn full_reply(
     out
 }
 
-/// The headers of one of the router's own error replies.
-fn error_headers(err: &RouterError, extra: &[(String, String)]) -> Vec<(String, String)> {
-    let mut headers = vec![("Content-Type".to_owned(), "application/json".to_owned())];
-    headers.extend_from_slice(extra);
-    if let Some(secs) = err.retry_after() {
-        headers.push(("Retry-After".to_owned(), secs.to_string()));
-    }
-    if let RouterError::MethodNotAllowed { allow } = err {
-        headers.push(("Allow".to_owned(), (*allow).to_owned()));
-    }
-    if let RouterError::Unauthorized = err {
-        headers.push((
-            "WWW-Authenticate".to_owned(),
-            "Bearer realm=\"vllm-router\"".to_owned(),
-        ));
-    }
-    headers
-}
-
 /// Answers with one of the router's own errors, adding `extra` headers. Returns the
 /// size of the body sent.
 pub fn send_error(
@@ -231,24 +213,19 @@ pub fn send_error(
     err: &RouterError,
     extra: &[(String, String)],
 ) -> io::Result<u64> {
-    let body = err.body();
-    send_full(
-        request,
-        err.status(),
-        &error_headers(err, extra),
-        body.as_bytes(),
-    )?;
-    Ok(body.len() as u64)
+    let reply = err.reply(extra);
+    send_full(request, reply.status, &reply.headers, reply.body.as_bytes())?;
+    Ok(reply.body.len() as u64)
 }
 
 /// Answers a head the router could not read, on a connection that closes after it.
 pub fn send_head_error(connection: &mut Connection, err: &RouterError) -> io::Result<()> {
-    let body = err.body();
+    let reply = err.reply(&[]);
     let out = full_reply(
         Version::Http11,
-        err.status(),
-        &error_headers(err, &[]),
-        body.as_bytes(),
+        reply.status,
+        &reply.headers,
+        reply.body.as_bytes(),
         false,
         true,
     );

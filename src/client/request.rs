@@ -23,7 +23,7 @@ use crate::client::connection::{is_timeout, Connection};
 use crate::client::head::{self, Framing, Head, HeadError, Scanner, Version};
 use crate::client::registry::{Returned, Ticket};
 use crate::client::reply;
-use crate::error::RouterError;
+use crate::request::error::RouterError;
 
 /// What the request may hold and how long its body may take.
 #[derive(Debug, Clone, Copy)]

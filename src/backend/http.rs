@@ -9,7 +9,7 @@
 //! pays for its own idle connections only, and its per-host idle limit is simply its
 //! limit.
 //!
-//! Owner: each backend's entry in the slot table (`admission`). The entry's agent is
+//! Owner: each backend's entry in the slot table (`backend::registry`). The entry's agent is
 //! made with the entry (at start, or when a reload adds the server) and a server that
 //! stays across a reload keeps its entry, so its idle connections survive the reload.
 //! A `Slot` holds a clone for its request and a health probe one for its round, so the
@@ -66,7 +66,7 @@ const MAX_RESPONSE_HEAD: usize = INPUT_BUFFER - 1;
 /// the buffer must hold the longest single line, not the whole head; the body goes out
 /// in pieces of this size. 4 KiB is many times any ordinary head line. A request with
 /// a longer one (the router lets through one header of up to `MAX_HEADER_BYTES` or a
-/// target of up to `MAX_TARGET_BYTES`, see `headers`) gets a buffer of its own size for
+/// target of up to `MAX_TARGET_BYTES`, see `request::headers`) gets a buffer of its own size for
 /// that request: see `BackendAgent::configure_request`.
 const OUTPUT_BUFFER: usize = 4 * 1024;
 
@@ -77,7 +77,7 @@ const OUTPUT_BUFFER: usize = 4 * 1024;
 const MAX_IDLE_PER_BACKEND: usize = 256;
 
 /// What every backend's agent is built from. Read from the settings at start only:
-/// a reload that changes TLS files asks for a restart (`reload`), so agents made for
+/// a reload that changes TLS files asks for a restart (`control::reload`), so agents made for
 /// servers added later are configured like the first ones.
 #[derive(Clone)]
 pub struct AgentConfig(Config);

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::{select, Receiver};
 use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM, SIGUSR1};
 
-use crate::logging::LogHandle;
+use crate::control::logging::LogHandle;
 use crate::shared::Shared;
 
 /// How often a draining router looks at its in-flight count.

@@ -3,7 +3,8 @@
 //!
 //! It owns each backend's check history (`Track`) and is the only writer of active
 //! health in the slot table (`Table::record_check`, `set_models`);
-//! passive health (request failures) is written by `relay`. The probes themselves run
+//! passive health (request failures) is written by the request path
+//! (`request::exchange`, `request::relay`). The probes themselves (`backend::probe`) run
 //! on short-lived threads, at most one per backend at a time, and report back over a
 //! channel, so a hung backend never delays the checks of the others.
 //!
@@ -38,11 +39,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
-use crate::admission::{BackendId, BackendView, CheckStats, Reported, NOT_CHECKED};
-use crate::auth::Secret;
+use crate::backend::probe::Target;
+use crate::backend::registry::{BackendId, BackendView, CheckStats, Reported, NOT_CHECKED};
 use crate::config::Settings;
 use crate::shared::Shared;
-use crate::upstream::BackendAgent;
 
 /// Checks remembered per backend.
 const WINDOW: usize = 10;
@@ -106,12 +106,7 @@ fn run(shared: &Arc<Shared>) {
         tracks.retain(|id, _| view.backends.iter().any(|b| b.id == *id));
         for backend in &view.backends {
             let track = tracks.entry(backend.id).or_default();
-            let key = config
-                .servers
-                .iter()
-                .find(|s| s.url == backend.url)
-                .and_then(|s| s.api_key.clone());
-            start_probe_if_due(shared, backend, key, track, settings, &tx);
+            start_probe_if_due(shared, backend, track, settings, &tx, Instant::now());
         }
         let mut tick = settings.health_check_interval.min(IDLE_TICK);
         if !settings.backend_metrics_interval.is_zero() {
@@ -121,48 +116,37 @@ fn run(shared: &Arc<Shared>) {
     }
 }
 
-/// Starts a probe thread for `backend` when one is due and none is running.
+/// Which parts of a probe round are due for a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Due {
+    check: bool,
+    models: bool,
+    scrape: bool,
+}
+
+/// Starts a probe thread for `backend` when one is due at `now` and none is running.
 fn start_probe_if_due(
     shared: &Arc<Shared>,
     b: &BackendView,
-    key: Option<Secret>,
     track: &mut Track,
     s: &Settings,
     tx: &Sender<Report>,
+    now: Instant,
 ) {
     if track.probing {
         return;
     }
-    let now = Instant::now();
-    let check_due = if let Some(until) = b
-        .down_by_requests_until
-        .filter(|_| !s.enable_active_health_check)
-    {
-        now >= until
-            && track
-                .last_probe
-                .is_none_or(|t| now >= t + s.health_check_interval.min(IDLE_TICK * 4))
-    } else {
-        s.enable_active_health_check
-            && track
-                .last_probe
-                .is_none_or(|t| now >= t + s.health_check_interval)
-    };
-    // Models are read for a backend that is up or about to be checked: at its first
-    // check, after it recovers (`models_fetched` reset), and when the list is stale.
-    let models_wanted = track
-        .models_fetched
-        .is_none_or(|t| now >= t + MODELS_REFRESH);
-    let models_due = models_wanted && (b.healthy || check_due);
-    let scrape_every = s.backend_metrics_interval;
-    let scrape_due = b.healthy
-        && !scrape_every.is_zero()
-        && track.last_scrape.is_none_or(|t| now >= t + scrape_every);
+    let Due {
+        check: check_due,
+        models: models_due,
+        scrape: scrape_due,
+    } = due(track, b, s, now);
     if !check_due && !models_due && !scrape_due {
         return;
     }
-    // Gone only if a reload removed the backend since the view was taken.
-    let Some(agent) = shared.table.agent_of(b.id) else {
+    // Gone only if a reload removed the backend since the view was taken. The key is
+    // the entry's, the one its requests carry too.
+    let Some((agent, key)) = shared.table.probe_of(b.id) else {
         return;
     };
     track.probing = true;
@@ -209,6 +193,41 @@ fn start_probe_if_due(
     if let Err(e) = spawned {
         track.probing = false;
         log::warn!("cannot start a health probe for {}: {e}", b.url);
+    }
+}
+
+/// What a probe round for `b` should do at `now`: a health check (active checks, or a
+/// backend marked down by requests whose recovery time has come with them off), its
+/// models, its load.
+fn due(track: &Track, b: &BackendView, s: &Settings, now: Instant) -> Due {
+    let check_due = if let Some(until) = b
+        .down_by_requests_until
+        .filter(|_| !s.enable_active_health_check)
+    {
+        now >= until
+            && track
+                .last_probe
+                .is_none_or(|t| now >= t + s.health_check_interval.min(IDLE_TICK * 4))
+    } else {
+        s.enable_active_health_check
+            && track
+                .last_probe
+                .is_none_or(|t| now >= t + s.health_check_interval)
+    };
+    // Models are read for a backend that is up or about to be checked: at its first
+    // check, after it recovers (`models_fetched` reset), and when the list is stale.
+    let models_wanted = track
+        .models_fetched
+        .is_none_or(|t| now >= t + MODELS_REFRESH);
+    let models_due = models_wanted && (b.healthy || check_due);
+    let scrape_every = s.backend_metrics_interval;
+    let scrape_due = b.healthy
+        && !scrape_every.is_zero()
+        && track.last_scrape.is_none_or(|t| now >= t + scrape_every);
+    Due {
+        check: check_due,
+        models: models_due,
+        scrape: scrape_due,
     }
 }
 
@@ -439,117 +458,6 @@ fn window_verdict(window: &[Sample], s: &Settings) -> Option<String> {
     None
 }
 
-/// One backend as a probe thread sees it.
-struct Target<'a> {
-    agent: &'a BackendAgent,
-    url: &'a str,
-    timeout: Duration,
-    /// The backend's `api_key`, sent with every probe (vLLM guards `/v1/*` with it).
-    key: Option<Secret>,
-}
-
-impl Target<'_> {
-    /// `GET /health`: good when it answers 2xx within the timeout.
-    fn check_health(&self) -> Result<Duration, String> {
-        let started = Instant::now();
-        let response = self.get("/health")?;
-        let status = response.status().as_u16();
-        if (200..300).contains(&status) {
-            Ok(started.elapsed())
-        } else {
-            Err(format!("/health answered {status}"))
-        }
-    }
-
-    /// `GET /v1/models`: the model objects of an OpenAI list, or `None`.
-    fn fetch_models(&self) -> Option<Vec<serde_json::Value>> {
-        let doc: serde_json::Value = serde_json::from_str(&self.get_text("/v1/models")?).ok()?;
-        let list = doc.get("data")?.as_array()?;
-        Some(
-            list.iter()
-                .filter(|m| m.get("id").is_some_and(|id| id.is_string()))
-                .cloned()
-                .collect(),
-        )
-    }
-
-    /// `GET /metrics`: the backend's own load, or `None` when it cannot be read.
-    fn scrape_load(&self) -> Option<Reported> {
-        parse_vllm_metrics(&self.get_text("/metrics")?)
-    }
-
-    /// The body of a 200 answer to `GET path`.
-    fn get_text(&self, path: &str) -> Option<String> {
-        let mut response = self.get(path).ok()?;
-        if response.status().as_u16() != 200 {
-            return None;
-        }
-        response.body_mut().read_to_string().ok()
-    }
-
-    /// `GET path`, resent once on a fresh connection if a pooled one turns out closed
-    /// (`BackendAgent::send`): a probe must not fail a healthy backend for that.
-    fn get(&self, path: &str) -> Result<ureq::http::Response<ureq::Body>, String> {
-        let mut request = ureq::http::Request::get(format!("{}{path}", self.url));
-        if let Some(key) = &self.key {
-            request = request.header("Authorization", format!("Bearer {}", key.expose()));
-        }
-        let request = request.body(()).map_err(|e| e.to_string())?;
-        let timeout = Some(self.timeout);
-        let configure = |builder: ureq::config::ConfigBuilder<_>| builder.timeout_global(timeout);
-        self.agent
-            .send(request, configure, || true)
-            .map_err(|e| match e {
-                ureq::Error::Timeout(_) => {
-                    format!("no answer within {:.1}s", self.timeout.as_secs_f64())
-                }
-                other => other.to_string(),
-            })
-    }
-}
-
-/// Reads vLLM's load gauges from Prometheus text: running and waiting requests summed
-/// over their label sets (one per model), and the KV-cache use under either name vLLM
-/// has used. `None` unless at least the running count is there.
-fn parse_vllm_metrics(text: &str) -> Option<Reported> {
-    let (mut running, mut waiting, mut kv) = (None::<f64>, 0.0, None::<f64>);
-    for line in text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-    {
-        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
-        let after_labels = match line[name_end..].strip_prefix('{') {
-            Some(rest) => rest.rsplit_once('}').map_or("", |(_, v)| v),
-            None => &line[name_end..],
-        };
-        let Some(value) = after_labels
-            .split_whitespace()
-            .next()
-            .and_then(|v| v.parse::<f64>().ok())
-        else {
-            continue;
-        };
-        if !value.is_finite() {
-            continue;
-        }
-        match &line[..name_end] {
-            "vllm:num_requests_running" => *running.get_or_insert(0.0) += value,
-            "vllm:num_requests_waiting" => waiting += value,
-            "vllm:kv_cache_usage_perc" | "vllm:gpu_cache_usage_perc" => {
-                kv = Some(kv.map_or(value, |k| k.max(value)))
-            }
-            _ => {}
-        }
-    }
-    Some(Reported {
-        running: running?,
-        waiting,
-        kv_cache_usage: kv,
-        scraped_at: SystemTime::now(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -580,32 +488,6 @@ mod tests {
             &Err("refused".into()),
             &s,
         )
-    }
-
-    #[test]
-    fn vllm_metrics_are_summed_over_label_sets() {
-        let text = "# HELP vllm:num_requests_running Number of requests running.\n\
-            # TYPE vllm:num_requests_running gauge\n\
-            vllm:num_requests_running{model_name=\"a\"} 3.0\n\
-            vllm:num_requests_running{model_name=\"b\",engine=\"0\"} 2\n\
-            vllm:num_requests_waiting{model_name=\"a\"} 4 1700000000000\n\
-            vllm:gpu_cache_usage_perc{model_name=\"a\"} 0.25\n\
-            vllm:kv_cache_usage_perc{model_name=\"b\"} 0.5\n\
-            vllm:num_requests_running_total 99\n";
-        let r = parse_vllm_metrics(text).expect("parsed");
-        assert_eq!(
-            (r.running, r.waiting, r.kv_cache_usage),
-            (5.0, 4.0, Some(0.5))
-        );
-        assert_eq!(
-            parse_vllm_metrics("up 1\n"),
-            None,
-            "no vLLM gauges: the router's own count decides"
-        );
-        assert_eq!(
-            parse_vllm_metrics("vllm:num_requests_running{x=\"1\"} nope\n"),
-            None
-        );
     }
 
     #[test]
@@ -738,6 +620,53 @@ mod tests {
             probes,
             [false, false, true, true],
             "the hold-off, then one probe"
+        );
+    }
+
+    #[test]
+    fn a_backend_down_by_requests_is_probed_once_its_hold_off_is_over() {
+        let s = Settings {
+            enable_active_health_check: false,
+            ..Settings::default()
+        };
+        let now = Instant::now();
+        let b = BackendView {
+            id: 1,
+            url: "http://b".to_owned(),
+            max_concurrent: 4,
+            in_flight: 0,
+            healthy: false,
+            reason: Some("3 consecutive request failures".to_owned()),
+            request_failures: 3,
+            down_by_requests_until: Some(now + Duration::from_secs(10)),
+            models: Vec::new(),
+            checks: CheckStats::default(),
+            reported: None,
+            load: 0,
+            admitted_total: 0,
+        };
+        let mut track = Track::default();
+        assert!(!due(&track, &b, &s, now).check, "held off");
+        let later = now + Duration::from_secs(10);
+        assert!(due(&track, &b, &s, later).check, "the hold-off is over");
+        track.last_probe = Some(later);
+        assert!(
+            !due(&track, &b, &s, later + Duration::from_millis(10)).check,
+            "one probe at a time apart"
+        );
+        let healthy = BackendView {
+            healthy: true,
+            down_by_requests_until: None,
+            ..b
+        };
+        assert_eq!(
+            due(&Track::default(), &healthy, &s, now),
+            Due {
+                check: false,
+                models: true,
+                scrape: !s.backend_metrics_interval.is_zero(),
+            },
+            "active checks off: a healthy backend only has its models read"
         );
     }
 }

@@ -29,7 +29,7 @@ use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use log::kv::{Error as KvError, Key, Value, VisitSource};
 use log::{LevelFilter, Log, Metadata, Record};
@@ -311,6 +311,32 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
     let day = doy - (153 * mp + 2) / 5 + 1;
     let month = if mp < 10 { mp + 3 } else { mp - 9 };
     (yoe + era * 400 + u64::from(month <= 2), month, day)
+}
+
+/// A problem of the accept loop or of starting workers, logged at most every `TROUBLE_EVERY`: under a flood
+/// of connections the same line would otherwise be written thousands of times.
+#[derive(Default)]
+pub struct Trouble {
+    last: Option<Instant>,
+    unreported: u64,
+}
+
+const TROUBLE_EVERY: Duration = Duration::from_secs(10);
+
+impl Trouble {
+    pub fn report(&mut self, what: &str) {
+        if self.last.is_some_and(|t| t.elapsed() < TROUBLE_EVERY) {
+            self.unreported += 1;
+            return;
+        }
+        let more = std::mem::take(&mut self.unreported);
+        if more > 0 {
+            log::warn!("{what} ({more} more problems since the last report)");
+        } else {
+            log::warn!("{what}");
+        }
+        self.last = Some(Instant::now());
+    }
 }
 
 #[cfg(test)]

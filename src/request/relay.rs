@@ -1,37 +1,35 @@
 //! The request path of a proxied request, one function per phase, called top-down
 //! from `handle`:
 //!
-//! The head is already parsed and checked (`client::head`). The API-key check →
-//! `Request::read_body` (size limit, body budget) → `requested_model` →
-//! `Exchange::forward` (`admit` a slot or wait in line, `send` with ureq, retry
-//! elsewhere while it is safe) → `relay_response` (head, then one chunk per backend read, flushed) → the `Slot`
-//! drops and the backend's slot is free again; `Access::finish` logs the request once.
+//! The head is already parsed and checked (`client::head`). The API-key check
+//! (`auth::check`) → `Request::read_body` (size limit, body budget) →
+//! `requested_model` → `Exchange::forward` (`request::exchange`: admit a slot or wait
+//! in line, send with ureq, retry elsewhere while it is safe) → `relay_response`
+//! (head, then one chunk per backend read, flushed) → the `Slot` drops and the
+//! backend's slot is free again; `finish` counts the request and logs it, once.
+//!
+//! An error the router answers itself goes through `reject`, which notes it in the
+//! request's `Access` and sends `RouterError::reply`; the request id is put on every
+//! header list, to the backend and to the client, by `Access::tag`.
 //!
 //! Nothing reaches the client before the backend's response head, so until then any
 //! failure can still be answered with a clean error.
 
 use std::io::Read;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use ureq::config::ConfigBuilder;
 use ureq::http;
-use ureq::typestate::HttpCrateScope;
 
-use crate::access::{self, Access};
-use crate::admission::{Limits, Slot, Want};
-use crate::auth;
-use crate::client::registry::Ticket;
 use crate::client::reply::{self, BodyWriter, Framing};
 use crate::client::request::{BodyLimits, Request};
-use crate::config::Config;
-use crate::error::RouterError;
-use crate::headers;
+use crate::request::access::{self, Access};
+use crate::request::auth::{self, Verdict};
+use crate::request::error::RouterError;
+use crate::request::exchange::{is_backend_failure, Exchange};
+use crate::request::headers;
+use crate::request::queue::Want;
 use crate::shared::Shared;
-
-/// Connecting to a backend on the same network takes milliseconds; a backend that
-/// does not accept within this is treated as down rather than waited for.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The size of one read from the backend, and so the largest chunk sent to the client.
 /// An SSE event is far smaller; a large JSON reply takes more reads. Each stream holds
@@ -64,13 +62,19 @@ pub fn handle(mut request: Request, shared: &Arc<Shared>) {
     // thread can stop it when the client leaves (`client::handoff`).
     let call = Arc::clone(request.ticket().backend_call());
     call.during(|| proxy(&mut request, shared, &mut access));
+    finish(access, shared);
+    drop(request);
+}
+
+/// The one end of every proxied request, however it ended: its metrics, then its
+/// access entry. Taking the `Access` by value makes it run once.
+fn finish(access: Access, shared: &Shared) {
     let known_model = access
         .model
         .as_deref()
         .is_some_and(|m| shared.table.is_known_model(m));
     shared.metrics.observe_request(&access, known_model);
     access.finish();
-    drop(request);
 }
 
 fn proxy(request: &mut Request, shared: &Arc<Shared>, access: &mut Access) {
@@ -80,9 +84,11 @@ fn proxy(request: &mut Request, shared: &Arc<Shared>, access: &mut Access) {
     if !headers::relayed_method(&method) {
         return reject(request, &RouterError::MethodNotImplemented(method), access);
     }
-    let auth_on = shared.client_keys(&config).next().is_some();
-    let presented = request.head.header("authorization");
-    if auth_on && !auth::authorized(presented, shared.client_keys(&config)) {
+    let verdict = auth::check(
+        request.head.header("authorization"),
+        shared.client_keys(&config),
+    );
+    if verdict == Verdict::Refused {
         return reject(request, &RouterError::Unauthorized, access);
     }
     let limits = BodyLimits {
@@ -104,15 +110,11 @@ fn proxy(request: &mut Request, shared: &Arc<Shared>, access: &mut Access) {
         request.peer().ip(),
         request.is_secure(),
     );
-    if auth_on {
+    if verdict == Verdict::Granted {
         // The client's key is for the router; it never reaches a backend.
         upstream.retain(|(name, _)| !name.eq_ignore_ascii_case("authorization"));
     }
-    upstream.retain(|(name, _)| !name.eq_ignore_ascii_case(access::REQUEST_ID_HEADER));
-    upstream.push((
-        access::REQUEST_ID_HEADER.to_owned(),
-        access.request_id.clone(),
-    ));
+    access.tag(&mut upstream);
     let exchange = Exchange {
         shared,
         config: &config,
@@ -212,198 +214,6 @@ pub fn requested_model(
     }
 }
 
-/// One request as it is sent, possibly several times, to backends.
-struct Exchange<'a> {
-    shared: &'a Shared,
-    config: &'a Config,
-    ticket: Ticket,
-    method: &'a str,
-    target: &'a str,
-    headers: &'a [(String, String)],
-    body: &'a [u8],
-}
-
-impl Exchange<'_> {
-    /// Admits the request and sends it, retrying on another backend while it is safe:
-    /// nothing has reached the client yet, and the backend either refused the
-    /// connection or answered 502/503/504/429. A request that may already be generating
-    /// (a timeout after it was sent) is never sent again. Returns the slot, the reply
-    /// to relay; counts retries in `access.retries`, and names the backend in
-    /// `access.backend` when the client left while a backend had the request.
-    fn forward(
-        &self,
-        mut want: Want,
-        access: &mut Access,
-    ) -> Result<(Slot, http::Response<ureq::Body>), RouterError> {
-        let settings = &self.config.settings;
-        let retries = &mut access.retries;
-        loop {
-            let slot = self.admit(want.clone())?;
-            let result = self.send(&slot);
-            if result.is_err() && self.ticket.client_left() {
-                // The connection thread stopped the backend connection because the client left:
-                // not the backend's fault, and nobody to retry for. The request did
-                // reach this backend, which the access log says.
-                access.backend = Some(slot.backend_url().to_owned());
-                return Err(RouterError::ClientClosed);
-            }
-            match &result {
-                Ok(response) if is_backend_failure(response.status().as_u16()) => {
-                    self.record_failure(&slot, &format!("replied {}", response.status().as_u16()));
-                }
-                // Success is recorded once the whole reply has been relayed.
-                Ok(_) => {}
-                Err(failure) if failure.backend_fault => {
-                    // The client's error text leaves the backend out; the log names it.
-                    log::info!("backend {} failed: {}", slot.backend_url(), failure.err);
-                    self.record_failure(&slot, &failure.err.to_string())
-                }
-                Err(_) => {}
-            }
-            let retryable = match &result {
-                Ok(response) => matches!(response.status().as_u16(), 429 | 502 | 503 | 504),
-                Err(failure) => failure.before_send,
-            };
-            want.exclude.push(slot.backend_id());
-            // The last backend's answer is what the client gets when no other
-            // backend is left to try.
-            if !retryable || *retries >= settings.max_retries || !self.shared.table.can_serve(&want)
-            {
-                return result.map(|response| (slot, response)).map_err(|f| f.err);
-            }
-            // The path only: a query string may hold credentials.
-            log::debug!(
-                "{} {} on {} failed before reaching the client; retrying elsewhere",
-                self.method,
-                self.target.split('?').next().unwrap_or(""),
-                slot.backend_url()
-            );
-            drop(result);
-            drop(slot);
-            *retries += 1;
-            std::thread::sleep(settings.retry_delay);
-        }
-    }
-
-    /// Takes a slot on the least-loaded backend that serves `want`, waiting in line if
-    /// all are full, for as long as the client is there: a request whose client left
-    /// is never sent, so no backend generates a reply nobody reads.
-    fn admit(&self, want: Want) -> Result<Slot, RouterError> {
-        let settings = &self.config.settings;
-        let limits = Limits {
-            max_queue_size: settings.max_queue_size,
-            queue_timeout: settings.queue_timeout,
-        };
-        let ticket = &self.ticket;
-        let slot = self
-            .shared
-            .table
-            .acquire_while(want, limits, || !ticket.client_left())?;
-        if ticket.client_left() {
-            return Err(RouterError::ClientClosed);
-        }
-        Ok(slot)
-    }
-
-    /// Sends the request to the slot's backend and waits for its response head.
-    fn send(&self, slot: &Slot) -> Result<http::Response<ureq::Body>, SendFailure> {
-        let uri = format!("{}{}", slot.backend_url(), self.target);
-        let mut builder = http::Request::builder().method(self.method).uri(&uri);
-        let backend_key = slot.api_key();
-        for (name, value) in self.headers {
-            if backend_key.is_none() || !name.eq_ignore_ascii_case("authorization") {
-                builder = builder.header(name, value);
-            }
-        }
-        if let Some(key) = backend_key {
-            builder = builder.header("Authorization", format!("Bearer {}", key.expose()));
-        }
-        // A request the router cannot even build is the client's fault.
-        let request = builder.body(self.body).map_err(|e| SendFailure {
-            err: RouterError::BadRequest(format!("cannot forward this request: {e}")),
-            before_send: false,
-            backend_fault: false,
-        })?;
-        let timeout = self.config.settings.request_timeout;
-        let configure = |builder: ConfigBuilder<HttpCrateScope<_>>| {
-            builder
-                .timeout_connect(Some(CONNECT_TIMEOUT.min(timeout)))
-                .timeout_recv_response(Some(timeout))
-                // The longest gap between two reads of the body: a stream that keeps
-                // producing tokens is never cut, one that stalls is.
-                .timeout_per_read(Some(timeout))
-        };
-        // A request whose client left is not sent again (its backend connection was stopped).
-        let may_retry = || !self.ticket.client_left();
-        slot.agent()
-            .send(request, configure, may_retry)
-            .map_err(|e| SendFailure::of(slot.backend_url(), e))
-    }
-
-    /// Passive health: counts a failed request against the slot's backend.
-    fn record_failure(&self, slot: &Slot, why: &str) {
-        let settings = &self.config.settings;
-        let active = settings.enable_active_health_check;
-        let marked_down = self.shared.table.request_failed(
-            slot.backend_id(),
-            why,
-            settings.failure_threshold,
-            settings.auto_recovery_threshold,
-            active,
-        );
-        if marked_down {
-            let back = if active {
-                format!(
-                    "back after {} good health checks in a row",
-                    settings.health_check_recovery_successes
-                )
-            } else {
-                format!("probed again in {:?}", settings.auto_recovery_threshold)
-            };
-            log::warn!(
-                "backend {} marked down after {} failed requests in a row (last: {why}); {back}",
-                slot.backend_url(),
-                settings.failure_threshold,
-            );
-        }
-    }
-}
-
-/// Replies that say the backend itself is failing, as opposed to refusing a bad
-/// request (4xx) or failing one request (500).
-fn is_backend_failure(status: u16) -> bool {
-    matches!(status, 502..=504)
-}
-
-/// A send that got no reply head.
-struct SendFailure {
-    err: RouterError,
-    /// The request certainly never reached the backend, so sending it elsewhere
-    /// cannot run it twice.
-    before_send: bool,
-    /// It counts against the backend's health (passive health).
-    backend_fault: bool,
-}
-
-impl SendFailure {
-    fn of(backend: &str, err: ureq::Error) -> SendFailure {
-        use std::io::ErrorKind;
-        use ureq::Timeout;
-        let before_send = match &err {
-            ureq::Error::Timeout(Timeout::Connect | Timeout::Resolve)
-            | ureq::Error::HostNotFound
-            | ureq::Error::ConnectionFailed => true,
-            ureq::Error::Io(e) => e.kind() == ErrorKind::ConnectionRefused,
-            _ => false,
-        };
-        SendFailure {
-            err: backend_error(backend, err),
-            before_send,
-            backend_fault: true,
-        }
-    }
-}
-
 /// Answers with one of the router's own errors.
 fn reject(request: &mut Request, err: &RouterError, access: &mut Access) {
     access.status = err.status();
@@ -413,10 +223,8 @@ fn reject(request: &mut Request, err: &RouterError, access: &mut Access) {
     if err.is_rejection() && access.backend.is_none() {
         access.rejected = Some(err.code());
     }
-    let id = [(
-        access::REQUEST_ID_HEADER.to_owned(),
-        access.request_id.clone(),
-    )];
+    let mut id = Vec::new();
+    access.tag(&mut id);
     if let RouterError::QueueTimeout { waited } = err {
         access.queue_wait = *waited;
     }
@@ -429,33 +237,6 @@ fn reject(request: &mut Request, err: &RouterError, access: &mut Access) {
             access.bytes_out = bytes;
         }
         Err(e) => log::debug!("could not send the error reply: {e}"),
-    }
-}
-
-/// The error a failed send becomes. Its reason goes to the client, so the backend's
-/// URL and address are taken out of whatever ureq said; they stay in `backend`, for
-/// the logs.
-fn backend_error(backend: &str, err: ureq::Error) -> RouterError {
-    use ureq::Timeout;
-    let reason = match err {
-        ureq::Error::Timeout(Timeout::Connect | Timeout::Resolve) => "connect timed out".to_owned(),
-        ureq::Error::Timeout(_) => {
-            return RouterError::GatewayTimeout {
-                backend: backend.to_owned(),
-            }
-        }
-        ureq::Error::HostNotFound => "host not found".to_owned(),
-        ureq::Error::Io(e) => e.to_string(),
-        ureq::Error::Protocol(e) => format!("invalid HTTP reply: {e}"),
-        other => other.to_string(),
-    };
-    let authority = backend.split_once("://").map_or(backend, |(_, rest)| rest);
-    let reason = reason
-        .replace(backend, "the backend")
-        .replace(authority.trim_end_matches('/'), "the backend");
-    RouterError::BadGateway {
-        backend: backend.to_owned(),
-        reason,
     }
 }
 
@@ -490,11 +271,7 @@ fn relay_response(
         })
         .collect();
     let mut out_headers = headers::downstream_headers(&backend_headers);
-    out_headers.retain(|(name, _)| !name.eq_ignore_ascii_case(access::REQUEST_ID_HEADER));
-    out_headers.push((
-        access::REQUEST_ID_HEADER.to_owned(),
-        access.request_id.clone(),
-    ));
+    access.tag(&mut out_headers);
     access.stream = headers::find(&out_headers, "content-type")
         .is_some_and(|ct| ct.starts_with("text/event-stream"));
     if access.stream && headers::find(&out_headers, "x-accel-buffering").is_none() {

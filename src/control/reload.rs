@@ -20,7 +20,7 @@ use std::thread;
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
 use crate::config::{self, Config};
-use crate::server::{self, Pool};
+use crate::request::pool::{self, Pool};
 use crate::shared::Shared;
 
 /// Starts the reload thread; each message on `now` (SIGHUP) triggers a check at once.
@@ -105,7 +105,7 @@ impl Reloader {
         };
         let base = self.path.parent().unwrap_or(std::path::Path::new("."));
         let text = std::fs::read_to_string(base.join(file)).unwrap_or_default();
-        match crate::auth::parse_key_file(&text) {
+        match crate::request::auth::parse_key_file(&text) {
             Ok(keys) if !keys.is_empty() => keys != config.settings.file_api_keys,
             _ => self.last_bad_key_file.replace(text.clone()) != Some(text),
         }
@@ -127,7 +127,7 @@ impl Reloader {
                 "config reload: TLS files changed in the file; restart the router to use them"
             );
         }
-        let workers = server::worker_count(&new);
+        let workers = pool::worker_count(&new);
         self.shared.replace_config(new);
         self.pool.grow_to(workers);
         if changes.is_empty() && settings.is_empty() {

@@ -59,6 +59,30 @@ pub fn parse_key_file(text: &str) -> Result<Vec<Secret>, usize> {
 /// Whether an `Authorization` header value carries one of `keys`. Every key is
 /// compared in full, in time that depends only on the lengths, so neither which key
 /// nor how much of it matched can be learned from the answer's timing.
+/// What the key check says of a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// No key is configured: everyone may pass, and the client's `Authorization`
+    /// header is its own business.
+    Open,
+    /// A configured key was presented.
+    Granted,
+    /// Keys are configured and none was presented.
+    Refused,
+}
+
+/// The key check, the one place that decides it for proxied requests and the
+/// router's own endpoints alike.
+pub fn check<'a>(header: Option<&str>, keys: impl Iterator<Item = &'a Secret> + Clone) -> Verdict {
+    if keys.clone().next().is_none() {
+        Verdict::Open
+    } else if authorized(header, keys) {
+        Verdict::Granted
+    } else {
+        Verdict::Refused
+    }
+}
+
 pub fn authorized<'a>(header: Option<&str>, keys: impl Iterator<Item = &'a Secret>) -> bool {
     let presented = header
         .and_then(|h| h.trim().split_once(' '))
@@ -98,6 +122,16 @@ mod tests {
         assert!(!check(Some("sk-one")));
         assert!(!check(None));
         assert!(!authorized(Some("Bearer "), [Secret::new("")].iter()));
+    }
+
+    #[test]
+    fn the_check_is_open_without_keys() {
+        let keys = [Secret::new("sk-one")];
+        assert_eq!(check(None, [].iter()), Verdict::Open);
+        assert_eq!(check(Some("Bearer x"), [].iter()), Verdict::Open);
+        assert_eq!(check(Some("Bearer sk-one"), keys.iter()), Verdict::Granted);
+        assert_eq!(check(Some("Bearer sk-two"), keys.iter()), Verdict::Refused);
+        assert_eq!(check(None, keys.iter()), Verdict::Refused);
     }
 
     #[test]

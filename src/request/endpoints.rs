@@ -9,11 +9,11 @@ use std::sync::Arc;
 
 use serde_json::json;
 
-use crate::admission::{BackendView, TableView};
-use crate::auth;
+use crate::backend::registry::{BackendView, TableView};
 use crate::client::reply;
 use crate::client::request::Request;
-use crate::error::RouterError;
+use crate::request::auth;
+use crate::request::error::RouterError;
 use crate::shared::Shared;
 
 /// Answers the request if it is for one of the router's own paths; otherwise gives
@@ -37,11 +37,10 @@ pub fn try_handle(mut request: Request, shared: &Arc<Shared>) -> Option<Request>
         _ => false,
     };
     let refused = needs_key
-        && !auth::authorized(
+        && auth::check(
             request.head.header("authorization"),
             shared.client_keys(&config),
-        )
-        && shared.client_keys(&config).next().is_some();
+        ) == auth::Verdict::Refused;
     let result = if refused {
         shared
             .metrics

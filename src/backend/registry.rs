@@ -1,54 +1,55 @@
-//! Admission: the slot table that decides which backend a request may use, and the
-//! first-come-first-served queue of requests that wait for a slot.
+//! The backend registry: the slot table that decides which backend a request may use.
+//! Each backend has an entry (`backend::entry`): capacity, in-flight count, health
+//! flags, passive failure counters, models, reported load and its agent; the table
+//! holds them with the line of requests waiting for a slot (`request::queue`), and
+//! merges a reloaded server list into them (`apply_servers`).
 //!
-//! One `parking_lot::Mutex` guards the backend entries (capacity, in-flight count,
-//! health) and the queue together, so "is a slot free" and "who is first in line" are
-//! always decided at the same instant. Every waiter sleeps on its own `Condvar`, bound
-//! to that same mutex: a released slot wakes exactly the waiter it is handed to, never a
-//! herd of a thousand.
+//! One `parking_lot::Mutex` guards the entries and the line together, so "is a slot
+//! free" and "who is first in line" are always decided at the same instant; every
+//! waiter sleeps on its own `Condvar` bound to that mutex (see `request::queue`).
+//! Which backend a request gets is `request::pick`'s rule, fed by the entries.
 //!
 //! Invariant: after every change of the table (a release, a backend marked up, a
 //! capacity raised, a reload), `dispatch` runs, so no waiter is left in the queue while a
 //! slot it could use is free. That is why a new request may take a free slot directly:
 //! nobody in the queue can use it.
 //!
-//! Each backend's routable state lives here too, because admission reads it under the
+//! Each backend's routable state lives here, because admission reads it under the
 //! same lock: `healthy` and its `reason` (written by the health thread and by passive
-//! health in `relay`, only through `record_check`, `request_failed` and
+//! health in `request::exchange` and `request::relay`, only through `record_check`, `request_failed` and
 //! `request_succeeded`) and the model list (written by the health thread). A request
 //! names what it wants (`Want`: a model, and backends already tried) and only matching
 //! healthy backends are considered, in the queue as well.
 //!
-//! Each entry also owns its backend's HTTP client (`upstream::BackendAgent`, see
-//! `upstream` for why there is one per backend): made with the entry, kept by a server
+//! Each entry also owns its backend's HTTP client (`backend::http::BackendAgent`, see
+//! `backend::http` for why there is one per backend): made with the entry, kept by a server
 //! that stays across a reload, handed to each `Slot` (and to health probes,
-//! `agent_of`) as a clone, and dropped with the entry and the last of those clones.
+//! `probe_of`) as a clone, and dropped with the entry and the last of those clones.
 //!
 //! How busy a backend is (`Entry::load`) is the larger of this router's in-flight count
 //! and the load the backend itself reported in its `/metrics` (which includes other
 //! router replicas), corrected for what this router admitted since that report. The
 //! cap `max_concurrent_requests` applies to that number.
 //!
-//! In-flight counts change only here, in `Table::acquire`, `dispatch` and
-//! `Table::release` (called by `Slot::drop`). A `Slot` is released exactly once, on
-//! every path a request can take: success, error, client gone, or a panic unwinding
-//! through the handler.
+//! In-flight counts change only through `Entry::admit` and `Entry::give_back`
+//! (`backend::entry`, where the count is private), called here by `Table::acquire`,
+//! `dispatch` and `Table::release` (called by `Slot::drop`). A `Slot` is released
+//! exactly once, on every path a request can take: success, error, client gone, or a
+//! panic unwinding through the handler.
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use parking_lot::{Condvar, Mutex, MutexGuard};
+use parking_lot::{Mutex, MutexGuard};
 
-use crate::auth::Secret;
+use crate::backend::entry::{model_id, Entry, ReportedLoad};
+pub use crate::backend::entry::{BackendView, CheckStats, Reported};
+use crate::backend::http::{AgentConfig, BackendAgent};
 use crate::config::ServerConfig;
-use crate::upstream::{AgentConfig, BackendAgent};
-
-/// How often a waiting request asks whether it is still wanted (`acquire_while`): the
-/// connection thread marks a client that left at once, so this bounds how long its slot in line
-/// outlives it, and a thousand waiters wake four thousand times a second at most.
-const WANTED_EVERY: Duration = Duration::from_millis(250);
+use crate::request::auth::Secret;
+use crate::request::pick;
+use crate::request::queue::{self, Grant, Limits, Queue, Rejection, Waited, Want};
 
 /// The reason shown for a backend that has not had its first health check.
 pub const NOT_CHECKED: &str = "not checked yet";
@@ -67,125 +68,12 @@ pub struct Table {
 
 struct Inner {
     entries: Vec<Entry>,
-    queue: VecDeque<Waiter>,
+    queue: Queue,
     /// Where the search for the least-loaded backend starts; moves on every pick so
     /// equally loaded backends take turns.
     rotation: usize,
     next_id: BackendId,
-    next_ticket: u64,
     closed: bool,
-}
-
-struct Entry {
-    id: BackendId,
-    url: Arc<str>,
-    agent: BackendAgent,
-    /// The server's `api_key`, as the latest config says: a request takes it with its
-    /// slot, so it always matches the backend it is sent to.
-    api_key: Option<Secret>,
-    max_concurrent: u32,
-    in_flight: u32,
-    healthy: bool,
-    /// Why the backend is not healthy; `None` while healthy.
-    reason: Option<String>,
-    /// Consecutive failed requests (passive health).
-    request_failures: u32,
-    /// Set when request failures marked it down: no check may bring it back before.
-    down_by_requests_until: Option<Instant>,
-    /// Model objects from its `/v1/models`; `None` until first learned (serves any model).
-    models: Option<Arc<Vec<serde_json::Value>>>,
-    /// The ids of `models`, looked up for every request (`pick` scans every backend).
-    model_ids: HashSet<String>,
-    checks: CheckStats,
-    /// The backend's own count of its requests, from its `/metrics` (health thread).
-    reported: Option<ReportedLoad>,
-    /// Removed by a reload: takes no new requests, forgotten once its last slot is back.
-    removed: bool,
-    admitted_total: u64,
-}
-
-/// The health thread's latest figures for one backend, for the status endpoints.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct CheckStats {
-    pub consecutive_failures: u32,
-    /// Share of good checks in the sliding window; `None` before the first check.
-    pub success_rate: Option<f64>,
-    pub last_check: Option<std::time::SystemTime>,
-    pub last_latency: Option<Duration>,
-}
-
-/// A backend's load as its own `/metrics` reported it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Reported {
-    /// `vllm:num_requests_running`, summed over its label sets.
-    pub running: f64,
-    /// `vllm:num_requests_waiting`, summed over its label sets.
-    pub waiting: f64,
-    /// `vllm:kv_cache_usage_perc` (or the older `vllm:gpu_cache_usage_perc`), 0 to 1.
-    pub kv_cache_usage: Option<f64>,
-    pub scraped_at: std::time::SystemTime,
-}
-
-#[derive(Debug, Clone)]
-struct ReportedLoad {
-    report: Reported,
-    /// This router's in-flight count when the scrape was sent: requests admitted or
-    /// finished since then correct the report.
-    own_at_scrape: u32,
-    /// Past this the report is too old to trust, and the router's own count decides.
-    fresh_until: Instant,
-}
-
-/// What a request asks of a backend.
-#[derive(Debug, Clone, Default)]
-pub struct Want {
-    /// The `model` its body names, if any.
-    pub model: Option<String>,
-    /// Backends already tried for this request (retries go elsewhere).
-    pub exclude: Vec<BackendId>,
-}
-
-struct Waiter {
-    ticket: u64,
-    want: Want,
-    wake: Arc<Wake>,
-}
-
-/// A waiter's own condition variable and the backend it was handed (0: none yet).
-/// Only read and written with the table mutex held; atomic only to be `Sync`.
-struct Wake {
-    cv: Condvar,
-    granted: AtomicU64,
-}
-
-/// Why a request could not be admitted.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Rejection {
-    /// No healthy backend exists that could serve the request, so waiting would not help.
-    NoBackend,
-    /// No backend, healthy or not, lists the requested model, and every backend's
-    /// models are known.
-    UnknownModel(String),
-    /// No backend whose models are known lists the requested model, and `unknown`
-    /// backends whose models are not known yet cannot take it (down): the model may
-    /// be theirs.
-    ModelUnavailable { model: String, unknown: usize },
-    /// Every slot is taken and `max_queue_size` requests already wait.
-    QueueFull { queue_len: usize },
-    /// Waited `queue_timeout` without a slot coming free.
-    QueueTimeout { waited: Duration },
-    /// The router is shutting down.
-    Closed,
-    /// The client left while the request waited.
-    Abandoned,
-}
-
-/// The limits that apply to one admission; read from the config snapshot of the
-/// request.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    pub max_queue_size: usize,
-    pub queue_timeout: Duration,
 }
 
 /// A taken slot on one backend. Dropping it gives the slot back.
@@ -251,25 +139,6 @@ impl ServerChanges {
     }
 }
 
-/// A point-in-time copy of one backend's entry, for the status endpoints.
-#[derive(Debug, Clone, PartialEq)]
-pub struct BackendView {
-    pub id: BackendId,
-    pub url: String,
-    pub max_concurrent: u32,
-    pub in_flight: u32,
-    pub healthy: bool,
-    pub reason: Option<String>,
-    pub request_failures: u32,
-    pub down_by_requests_until: Option<Instant>,
-    pub models: Vec<String>,
-    pub checks: CheckStats,
-    pub reported: Option<Reported>,
-    /// The load admission counts: see `Entry::load`.
-    pub load: u32,
-    pub admitted_total: u64,
-}
-
 /// A point-in-time copy of the whole table.
 #[derive(Debug, Clone)]
 pub struct TableView {
@@ -285,10 +154,9 @@ impl Table {
     pub fn new(servers: &[ServerConfig], trusted: bool, agents: AgentConfig) -> Arc<Table> {
         let mut inner = Inner {
             entries: Vec::with_capacity(servers.len()),
-            queue: VecDeque::new(),
+            queue: Queue::default(),
             rotation: 0,
             next_id: 1,
-            next_ticket: 0,
             closed: false,
         };
         for server in servers {
@@ -317,7 +185,7 @@ impl Table {
         }
         let (gone, kept): (Vec<Entry>, Vec<Entry>) = std::mem::take(&mut inner.entries)
             .into_iter()
-            .partition(|e| e.removed && e.in_flight == 0);
+            .partition(|e| e.removed && e.in_flight() == 0);
         inner.entries = kept;
         for server in servers {
             match inner
@@ -353,7 +221,7 @@ impl Table {
         inner
             .entries
             .sort_by_key(|e| position(e).unwrap_or(usize::MAX));
-        inner.dispatch();
+        inner.dispatch(Instant::now());
         // The last owner of an idle backend's agent closes its pooled connections:
         // outside the lock.
         drop(inner);
@@ -383,7 +251,7 @@ impl Table {
         if !inner.entries.iter().any(|e| e.usable(&want)) {
             return Err(inner.why_unusable(&want));
         }
-        if let Some(idx) = inner.pick(&want) {
+        if let Some(idx) = inner.pick(&want, start) {
             return Ok(self.take(&mut inner, idx, Duration::ZERO));
         }
         if inner.queue.len() >= limits.max_queue_size || limits.queue_timeout.is_zero() {
@@ -391,24 +259,10 @@ impl Table {
                 queue_len: inner.queue.len(),
             });
         }
-
-        let ticket = inner.next_ticket;
-        inner.next_ticket += 1;
-        let wake = Arc::new(Wake {
-            cv: Condvar::new(),
-            granted: AtomicU64::new(0),
-        });
-        inner.queue.push_back(Waiter {
-            ticket,
-            want,
-            wake: Arc::clone(&wake),
-        });
+        let place = inner.queue.join(want);
         let deadline = start + limits.queue_timeout;
-        loop {
-            let until = deadline.min(Instant::now() + WANTED_EVERY);
-            let timed_out = wake.cv.wait_until(&mut inner, until).timed_out() && until == deadline;
-            let granted = wake.granted.load(Ordering::Relaxed);
-            if granted != 0 {
+        let rejection = match queue::wait(&mut inner, &place, deadline, wanted, |i| i.closed) {
+            Waited::Granted(granted) => {
                 // `dispatch` already counted the slot and removed us from the queue.
                 let (url, agent, api_key) = inner
                     .slot_parts(granted)
@@ -424,22 +278,14 @@ impl Table {
                     queued_for: start.elapsed(),
                 });
             }
-            let abandoned = !wanted();
-            if inner.closed || timed_out || abandoned {
-                inner.queue.retain(|w| w.ticket != ticket);
-                return Err(if inner.closed {
-                    Rejection::Closed
-                } else if abandoned {
-                    Rejection::Abandoned
-                } else {
-                    Rejection::QueueTimeout {
-                        waited: start.elapsed(),
-                    }
-                });
-            }
-            // A spurious wake-up, or time to ask `wanted`: keep waiting for the same
-            // deadline.
-        }
+            Waited::Closed => Rejection::Closed,
+            Waited::Abandoned => Rejection::Abandoned,
+            Waited::TimedOut => Rejection::QueueTimeout {
+                waited: start.elapsed(),
+            },
+        };
+        inner.queue.leave(&place);
+        Err(rejection)
     }
 
     /// Gives a slot back and hands it to the first waiter that can use it.
@@ -447,22 +293,19 @@ impl Table {
         let mut inner = self.inner.lock();
         if let Some(pos) = inner.entries.iter().position(|e| e.id == id) {
             let entry = &mut inner.entries[pos];
-            debug_assert!(entry.in_flight > 0, "slot released twice for {}", entry.url);
-            entry.in_flight = entry.in_flight.saturating_sub(1);
-            if entry.removed && entry.in_flight == 0 {
+            entry.give_back();
+            if entry.removed && entry.in_flight() == 0 {
                 inner.entries.remove(pos);
             }
         }
-        inner.dispatch();
+        inner.dispatch(Instant::now());
     }
 
     /// Refuses every new and queued request from now on (shutdown).
     pub fn close(&self) {
         let mut inner = self.inner.lock();
         inner.closed = true;
-        for waiter in &inner.queue {
-            waiter.wake.cv.notify_one();
-        }
+        inner.queue.wake_all();
     }
 
     pub fn view(&self) -> TableView {
@@ -490,19 +333,23 @@ impl Table {
         !inner.closed && inner.entries.iter().any(|e| e.usable(&Want::default()))
     }
 
-    /// The HTTP client of one backend (while it is not removed), for health probes.
-    pub fn agent_of(&self, id: BackendId) -> Option<BackendAgent> {
-        self.inner.lock().live(id).map(|e| e.agent.clone())
+    /// The HTTP client and the `api_key` of one backend (while it is not removed), for
+    /// health probes: the same key its requests take with their slots.
+    pub fn probe_of(&self, id: BackendId) -> Option<(BackendAgent, Option<Secret>)> {
+        self.inner
+            .lock()
+            .live(id)
+            .map(|e| (e.agent.clone(), e.api_key.clone()))
     }
 
     /// This router's requests in flight on one backend.
     pub fn in_flight_of(&self, id: BackendId) -> u32 {
-        self.inner.lock().entry(id).map_or(0, |e| e.in_flight)
+        self.inner.lock().entry(id).map_or(0, Entry::in_flight)
     }
 
     /// Requests holding a slot right now, on every backend (shutdown waits for 0).
     pub fn total_in_flight(&self) -> u32 {
-        self.inner.lock().entries.iter().map(|e| e.in_flight).sum()
+        self.inner.lock().entries.iter().map(Entry::in_flight).sum()
     }
 
     /// Whether some healthy backend could serve `want` (room or not).
@@ -560,7 +407,7 @@ impl Table {
             e.down_by_requests_until = None;
         }
         if changed && healthy {
-            inner.dispatch();
+            inner.dispatch(Instant::now());
         }
         changed
     }
@@ -576,7 +423,7 @@ impl Table {
                 .collect();
             e.models = Some(Arc::new(models));
         }
-        inner.dispatch();
+        inner.dispatch(Instant::now());
     }
 
     /// Records the load a backend reported (health thread); `None` when its metrics
@@ -597,7 +444,7 @@ impl Table {
             own_at_scrape,
             fresh_until: Instant::now() + fresh_for,
         });
-        inner.dispatch();
+        inner.dispatch(Instant::now());
     }
 
     /// Passive health: a request to this backend failed. After `threshold` failures in
@@ -606,7 +453,8 @@ impl Table {
     /// (active checks on), the last healthy backend is not marked down by request
     /// failures alone: its active checks still pass, so it is most likely back (a
     /// blip), and taking it out would refuse every request for nothing; the checks
-    /// take it out if it really is gone. Returns true when this failure marked it down.
+    /// take it out if it really is gone. Returns true when this failure marked it down
+    /// (at `now`, from which `recovery_after` counts).
     pub fn request_failed(
         &self,
         id: BackendId,
@@ -614,6 +462,7 @@ impl Table {
         threshold: u32,
         recovery_after: Duration,
         keep_last: bool,
+        now: Instant,
     ) -> bool {
         let mut inner = self.inner.lock();
         let others_healthy = inner
@@ -633,7 +482,7 @@ impl Table {
                 "{} consecutive request failures, last: {why}",
                 e.request_failures
             ));
-            e.down_by_requests_until = Some(Instant::now() + recovery_after);
+            e.down_by_requests_until = Some(now + recovery_after);
             return true;
         }
         false
@@ -653,8 +502,7 @@ impl Table {
         queued_for: Duration,
     ) -> Slot {
         let entry = &mut inner.entries[idx];
-        entry.in_flight += 1;
-        entry.admitted_total += 1;
+        entry.admit();
         Slot {
             table: Arc::clone(self),
             id: entry.id,
@@ -664,74 +512,6 @@ impl Table {
             queued_for,
         }
     }
-}
-
-impl Entry {
-    fn view(&self, now: Instant) -> BackendView {
-        BackendView {
-            id: self.id,
-            url: self.url.to_string(),
-            max_concurrent: self.max_concurrent,
-            in_flight: self.in_flight,
-            healthy: self.healthy,
-            reason: self.reason.clone(),
-            request_failures: self.request_failures,
-            down_by_requests_until: self.down_by_requests_until,
-            models: self.model_ids(),
-            checks: self.checks.clone(),
-            reported: self.reported.as_ref().map(|r| r.report.clone()),
-            load: self.load(now),
-            admitted_total: self.admitted_total,
-        }
-    }
-
-    /// Whether this backend could serve `want` at all (room or not).
-    fn usable(&self, want: &Want) -> bool {
-        self.healthy
-            && !self.removed
-            && !want.exclude.contains(&self.id)
-            && want.model.as_deref().is_none_or(|m| self.may_serve(m))
-    }
-
-    fn has_room(&self, want: &Want, now: Instant) -> bool {
-        self.usable(want) && self.load(now) < self.max_concurrent
-    }
-
-    /// How busy the backend counts as: the larger of this router's in-flight count
-    /// and what the backend itself last reported (running + waiting, over every router
-    /// that uses it), corrected by the change in this router's own count since that
-    /// scrape. A report older than its freshness bound is ignored.
-    fn load(&self, now: Instant) -> u32 {
-        let Some(r) = self.reported.as_ref().filter(|r| now < r.fresh_until) else {
-            return self.in_flight;
-        };
-        let reported = (r.report.running + r.report.waiting)
-            .max(0.0)
-            .ceil()
-            .min(f64::from(u32::MAX)) as i64;
-        let corrected = reported + i64::from(self.in_flight) - i64::from(r.own_at_scrape);
-        self.in_flight
-            .max(corrected.clamp(0, i64::from(u32::MAX)) as u32)
-    }
-
-    /// A backend whose models are not known yet may serve any model.
-    fn may_serve(&self, model: &str) -> bool {
-        self.models.is_none() || self.model_ids.contains(model)
-    }
-
-    fn model_ids(&self) -> Vec<String> {
-        self.models
-            .iter()
-            .flat_map(|m| m.iter())
-            .filter_map(model_id)
-            .map(str::to_owned)
-            .collect()
-    }
-}
-
-/// The `id` of a model object from `/v1/models`.
-fn model_id(model: &serde_json::Value) -> Option<&str> {
-    model.get("id").and_then(|id| id.as_str())
 }
 
 impl Inner {
@@ -755,93 +535,44 @@ impl Inner {
         }
     }
 
-    /// The least-loaded backend with room (by load / max_concurrent); among equals
-    /// the first one at or after `rotation`.
-    fn pick(&mut self, want: &Want) -> Option<usize> {
-        let n = self.entries.len();
-        if n == 0 {
-            return None;
-        }
-        let now = Instant::now();
-        let start = self.rotation % n;
-        let mut best: Option<(usize, u32)> = None;
-        for k in 0..n {
-            let idx = (start + k) % n;
-            let e = &self.entries[idx];
-            if !e.has_room(want, now) {
-                continue;
-            }
-            let load = e.load(now);
-            let better = match best {
-                None => true,
-                // load / max < best load / best max, without division.
-                Some((b, b_load)) => {
-                    u64::from(load) * u64::from(self.entries[b].max_concurrent)
-                        < u64::from(b_load) * u64::from(e.max_concurrent)
-                }
-            };
-            if better {
-                best = Some((idx, load));
-            }
-        }
-        let best = best.map(|(idx, _)| idx);
+    /// The least-loaded backend with room for `want` at `now` (`request::pick`); moves
+    /// the rotation on every pick so equally loaded backends take turns.
+    fn pick(&mut self, want: &Want, now: Instant) -> Option<usize> {
+        let entries = &self.entries;
+        let best = pick::least_loaded(entries.len(), self.rotation, |idx| {
+            entries[idx].candidate(want, now)
+        });
         if best.is_some() {
             self.rotation = self.rotation.wrapping_add(1);
         }
         best
     }
 
-    /// Hands free slots to waiters in queue order; see the module invariant. A waiter
-    /// whose backends are all full does not hold up a later one that wants another
-    /// model.
-    fn dispatch(&mut self) {
-        let mut i = 0;
-        while i < self.queue.len() {
-            let now = Instant::now();
+    /// Hands free slots to waiters in queue order; see the module invariant.
+    fn dispatch(&mut self, now: Instant) {
+        let mut queue = std::mem::take(&mut self.queue);
+        queue.hand_out(|want| {
             if !self
                 .entries
                 .iter()
                 .any(|e| e.has_room(&Want::default(), now))
             {
-                return;
+                return Grant::Stop;
             }
-            let want = self.queue[i].want.clone();
-            let Some(idx) = self.pick(&want) else {
-                i += 1;
-                continue;
+            let Some(idx) = self.pick(want, now) else {
+                return Grant::Skip;
             };
             let entry = &mut self.entries[idx];
-            entry.in_flight += 1;
-            entry.admitted_total += 1;
-            let id = entry.id;
-            if let Some(waiter) = self.queue.remove(i) {
-                waiter.wake.granted.store(id, Ordering::Relaxed);
-                waiter.wake.cv.notify_one();
-            }
-        }
+            entry.admit();
+            Grant::To(entry.id)
+        });
+        self.queue = queue;
     }
 
     fn add_entry(&mut self, server: &ServerConfig, trusted: bool, agent: BackendAgent) {
         let id = self.next_id;
         self.next_id += 1;
-        self.entries.push(Entry {
-            id,
-            url: Arc::from(server.url.as_str()),
-            agent,
-            api_key: server.api_key.clone(),
-            max_concurrent: server.max_concurrent_requests,
-            in_flight: 0,
-            healthy: trusted,
-            reason: (!trusted).then(|| NOT_CHECKED.to_owned()),
-            request_failures: 0,
-            down_by_requests_until: None,
-            models: None,
-            model_ids: HashSet::new(),
-            checks: CheckStats::default(),
-            reported: None,
-            removed: false,
-            admitted_total: 0,
-        });
+        self.entries.push(Entry::new(id, server, trusted, agent));
     }
 
     fn entry_mut(&mut self, id: BackendId) -> Option<&mut Entry> {
@@ -868,6 +599,7 @@ impl Inner {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::thread;
 
     fn table(caps: &[u32]) -> Arc<Table> {

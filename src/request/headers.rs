@@ -3,7 +3,7 @@
 //! Hop-by-hop headers (RFC 9110 section 7.6.1) describe one connection, not the
 //! message, so they are never forwarded; neither is any header the client names in
 //! `Connection`. Framing headers (`Content-Length`, `Transfer-Encoding`) are set by the
-//! side that writes the bytes: ureq towards the backend, `wire` towards the client.
+//! side that writes the bytes: ureq towards the backend, `client::reply` towards the client.
 
 use std::net::IpAddr;
 
@@ -77,7 +77,7 @@ pub fn upstream_headers(
     out
 }
 
-/// The backend's headers that go on to the client, without framing (`wire` writes its
+/// The backend's headers that go on to the client, without framing (`client::reply` writes its
 /// own `Content-Length` or `Transfer-Encoding`).
 pub fn downstream_headers(backend: &[(String, String)]) -> Vec<(String, String)> {
     let listed = connection_tokens(backend);

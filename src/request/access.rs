@@ -3,7 +3,7 @@
 //! the backend's view of the same request.
 //!
 //! Entries go to the `access` log target at info level, with every figure as a
-//! structured field (see `logging`). They carry the path without its query string, and
+//! structured field (see `control::logging`). They carry the path without its query string, and
 //! never a header or a body: an API key or a prompt cannot reach the log through them.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -64,6 +64,13 @@ impl Access {
         self.first_byte.map(|t| t.duration_since(self.started))
     }
 
+    /// Puts this request's id on a list of headers (towards the backend, or the
+    /// client), replacing any the list had: the one place the header is set.
+    pub fn tag(&self, headers: &mut Vec<(String, String)>) {
+        headers.retain(|(name, _)| !name.eq_ignore_ascii_case(REQUEST_ID_HEADER));
+        headers.push((REQUEST_ID_HEADER.to_owned(), self.request_id.clone()));
+    }
+
     /// Writes the entry.
     pub fn finish(self) {
         let ms = |d: Duration| (d.as_secs_f64() * 1000.0 * 1000.0).round() / 1000.0;
@@ -74,7 +81,7 @@ impl Access {
         let model = self.model.as_deref().unwrap_or("-");
         let backend = self.backend.as_deref().unwrap_or("-");
         log::info!(
-            target: crate::logging::ACCESS_TARGET,
+            target: crate::control::logging::ACCESS_TARGET,
             request_id = self.request_id.as_str(),
             method = self.method.as_str(),
             path = self.path.as_str(),
@@ -120,6 +127,23 @@ fn new_request_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_request_id_replaces_any_other() {
+        let access = Access::start("GET", "/x", Some("id-1"));
+        let mut headers = vec![
+            ("x-request-id".to_owned(), "forged".to_owned()),
+            ("Accept".to_owned(), "*/*".to_owned()),
+        ];
+        access.tag(&mut headers);
+        assert_eq!(
+            headers,
+            [
+                ("Accept".to_owned(), "*/*".to_owned()),
+                (REQUEST_ID_HEADER.to_owned(), "id-1".to_owned()),
+            ]
+        );
+    }
 
     #[test]
     fn request_ids_are_reused_only_when_plain() {

@@ -1,6 +1,12 @@
 //! The errors the router itself answers with, and the one place that knows their wire
-//! shape: an OpenAI-style body `{"error": {"message", "type", "param", "code"}}` and
-//! the status that goes with it.
+//! shape (`RouterError::reply`): an OpenAI-style body `{"error": {"message", "type",
+//! "param", "code"}}`, the status that goes with it, and the headers it needs
+//! (`Retry-After`, `Allow`, `WWW-Authenticate`). `client::reply` adds the framing.
+//!
+//! It lives in `request` because what gets an error reply is a request: the client
+//! layer's refusals of a head it cannot read (`RouterError::of_head`) are requests
+//! that did not get this far, and admission's refusals (`Rejection`) become errors
+//! here. Every layer names it as `request::error`.
 //!
 //! Errors are classified by side, as a proxy should: the client's mistakes are 4xx,
 //! lack of capacity is 503 with `Retry-After`, a backend that failed is 502 or 504, and
@@ -10,8 +16,16 @@
 use std::fmt;
 use std::time::Duration;
 
-use crate::admission::Rejection;
 use crate::client::head::HeadError;
+use crate::request::queue::Rejection;
+
+/// One of the router's own error replies, as `RouterError::reply` makes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorReply {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: String,
+}
 
 /// An error the router answers itself, before or instead of a backend reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -172,6 +186,32 @@ impl RouterError {
         }
     }
 
+    /// The whole reply to this error but its framing: status, headers (`extra`, the
+    /// request id, after `Content-Type`) and body. `Connection` and the length are the
+    /// connection's business (`client::reply`): whether it closes depends on what was
+    /// read of the request, not on the error.
+    pub fn reply(&self, extra: &[(String, String)]) -> ErrorReply {
+        let mut headers = vec![("Content-Type".to_owned(), "application/json".to_owned())];
+        headers.extend_from_slice(extra);
+        if let Some(secs) = self.retry_after() {
+            headers.push(("Retry-After".to_owned(), secs.to_string()));
+        }
+        if let RouterError::MethodNotAllowed { allow } = self {
+            headers.push(("Allow".to_owned(), (*allow).to_owned()));
+        }
+        if let RouterError::Unauthorized = self {
+            headers.push((
+                "WWW-Authenticate".to_owned(),
+                "Bearer realm=\"vllm-router\"".to_owned(),
+            ));
+        }
+        ErrorReply {
+            status: self.status(),
+            headers,
+            body: self.body(),
+        }
+    }
+
     /// The OpenAI-style JSON body.
     pub fn body(&self) -> String {
         serde_json::json!({
@@ -314,6 +354,33 @@ mod tests {
         assert_eq!(body["error"]["code"], code);
         assert_eq!(body["error"]["message"], err.to_string());
         assert!(body["error"]["type"].is_string());
+    }
+
+    #[test]
+    fn an_error_reply_carries_its_own_headers_after_the_extra_ones() {
+        let id = [("X-Request-Id".to_owned(), "r".to_owned())];
+        let names = |err: RouterError| {
+            let reply = err.reply(&id);
+            assert_eq!(reply.status, err.status());
+            assert_eq!(reply.body, err.body());
+            reply
+                .headers
+                .into_iter()
+                .map(|(n, _)| n)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            names(RouterError::NoBackend),
+            ["Content-Type", "X-Request-Id", "Retry-After"]
+        );
+        assert_eq!(
+            names(RouterError::Unauthorized),
+            ["Content-Type", "X-Request-Id", "WWW-Authenticate"]
+        );
+        assert_eq!(
+            names(RouterError::MethodNotAllowed { allow: "GET, HEAD" }),
+            ["Content-Type", "X-Request-Id", "Allow"]
+        );
     }
 
     #[test]

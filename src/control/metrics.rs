@@ -4,7 +4,7 @@
 //! checks the output with `promtool check metrics` and a parser.
 //!
 //! Counters and histograms live in one `Mutex<Registry>`, updated once per request (by
-//! `relay`), once per health check (health thread) and once per reload (reload
+//! `request::relay`), once per health check (health thread) and once per reload (reload
 //! thread). Gauges (in-flight, capacity, health, queue, backend-reported load) are read
 //! from the slot table when `/metrics` is scraped. Series are keyed by backend URL, so
 //! the counters of a server that stays in the config survive a reload.
@@ -19,8 +19,8 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 
-use crate::access::Access;
-use crate::admission::TableView;
+use crate::backend::registry::TableView;
+use crate::request::access::Access;
 
 /// Why the router closes a client connection itself: refused at accept (over
 /// `max_client_connections` or `max_connections_per_ip`, no thread, no file
@@ -268,7 +268,7 @@ impl Metrics {
             max_queue_size as f64,
         );
 
-        type Gauge = fn(&crate::admission::BackendView) -> Option<f64>;
+        type Gauge = fn(&crate::backend::registry::BackendView) -> Option<f64>;
         let gauges: [(&str, &str, Gauge); 7] = [
             (
                 "vllm_router_backend_in_flight",

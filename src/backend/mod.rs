@@ -1,0 +1,13 @@
+//! The backends: what the router knows about each and how it talks to them.
+//!
+//! - `registry`: the slot table, every backend's entry (capacity, in-flight count,
+//!   health flags, models, reported load, agent), and the wait queue for a slot.
+//! - `health`: the health thread, active checks and the rules that turn a backend
+//!   down and up.
+//! - `http`: the HTTP client towards the backends, one ureq agent per backend.
+
+pub mod entry;
+pub mod health;
+pub mod http;
+pub mod probe;
+pub mod registry;
