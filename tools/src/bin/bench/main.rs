@@ -66,7 +66,7 @@ const GRACE: Duration = Duration::from_secs(5);
 const COMPLETION_BODY: &str = r#"{"model":"mock-model","prompt":"Say hello","max_tokens":4}"#;
 const STREAM_BODY: &str =
     r#"{"model":"mock-model","stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#;
-const NGINX_TEMPLATE: &str = include_str!("../../bench/nginx.conf.in");
+const NGINX_TEMPLATE: &str = include_str!("../../../../bench/nginx.conf.in");
 
 fn main() -> ExitCode {
     match run() {

@@ -6,8 +6,11 @@
 //! connection, so its timing is predictable and it needs no extra dependencies.
 //! Test hooks: `x-mock-*` request headers force statuses, token counts and delays;
 //! `/mock/*` admin endpoints expose counters, the last request seen and the mode.
+//! Requests carrying `x-mock-tag: NAME` are counted per name in `/mock/stats`
+//! (`tags`), so a test can tell that a kind of request never got here.
 
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, AtomicU8, Ordering::SeqCst};
@@ -136,6 +139,8 @@ struct State {
     aborted: AtomicU64,
     seq: AtomicU64,
     last: Mutex<Option<Value>>,
+    /// Requests seen per `x-mock-tag` value.
+    tags: Mutex<BTreeMap<String, u64>>,
 }
 
 impl State {
@@ -160,8 +165,21 @@ impl State {
             Some(json!({"method": method, "path": path, "headers": headers, "body": body}));
     }
 
+    fn tags(&self) -> MutexGuard<'_, BTreeMap<String, u64>> {
+        // A counter map cannot be left half-updated by a panicking holder.
+        self.tags.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn count_tags(&self, head: &Head) {
+        let mut tags = self.tags();
+        for tag in head.all("x-mock-tag") {
+            *tags.entry(tag.to_owned()).or_default() += 1;
+        }
+    }
+
     fn stats(&self) -> Value {
         json!({
+            "tags": *self.tags(),
             "id": self.id,
             "in_flight": self.in_flight.load(SeqCst),
             "peak_in_flight": self.peak.load(SeqCst),
@@ -177,6 +195,7 @@ impl State {
         self.total.store(0, SeqCst);
         self.aborted.store(0, SeqCst);
         *self.last() = None;
+        self.tags().clear();
     }
 }
 
@@ -676,6 +695,7 @@ fn route(c: &mut Conn, req: &Request) -> io::Result<()> {
     let method = req.head.method.as_str();
     let (get, post) = (method == "GET" || method == "HEAD", method == "POST");
     let path = req.head.target.split('?').next().unwrap_or_default();
+    st.count_tags(&req.head);
     let resp = match path {
         "/mock/stats" if get => Resp::json(200, &st.stats()),
         "/mock/last" if get => match st.last().as_ref() {
