@@ -55,7 +55,7 @@ pub fn stat_field(pid: u32, n: usize) -> Option<u64> {
 }
 
 /// Clock ticks per second of `/proc` CPU times.
-fn clock_ticks() -> u64 {
+pub fn clock_ticks() -> u64 {
     // SAFETY: sysconf only reads a constant.
     #[allow(unsafe_code)]
     let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };

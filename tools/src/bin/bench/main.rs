@@ -20,17 +20,18 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
-use std::io::{self, BufRead, BufReader, ErrorKind, Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{self, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
+use vllm_router_tools::{http, process, procfs};
 
 /// Closed-loop concurrency levels of part 1.
 const CONNS: [usize; 4] = [1, 16, 64, 256];
@@ -68,9 +69,18 @@ const STREAM_BODY: &str =
     r#"{"model":"mock-model","stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#;
 const NGINX_TEMPLATE: &str = include_str!("../../../../bench/nginx.conf.in");
 
+/// Exits 1 when the benchmark could not run, or when a run had failed requests (the
+/// figures of such a run are not comparable); a target missed is only reported.
 fn main() -> ExitCode {
     match run() {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(errors) if errors.is_empty() => ExitCode::SUCCESS,
+        Ok(errors) => {
+            eprintln!("\nbench: {} runs had errors:", errors.len());
+            for e in &errors {
+                eprintln!("  {e}");
+            }
+            ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("bench: {e}");
             ExitCode::FAILURE
@@ -78,7 +88,8 @@ fn main() -> ExitCode {
     }
 }
 
-fn run() -> Result<(), String> {
+/// Runs every part; the runs that had errors, each said in a line.
+fn run() -> Result<Vec<String>, String> {
     raise_fd_limit()?;
     let env = Env::new()?;
     let machine = Machine::read();
@@ -101,7 +112,32 @@ fn run() -> Result<(), String> {
     print_report(&report);
     let path = env.write_json(&report)?;
     println!("\nfigures written to {}", path.display());
-    Ok(())
+    Ok(runs_with_errors(&report))
+}
+
+/// Every run of the report that counted a failed request, with its summary line.
+fn runs_with_errors(r: &Report) -> Vec<String> {
+    let throughput = r
+        .throughput
+        .iter()
+        .filter(|row| row.errors.total() > 0)
+        .map(ClosedLoop::summary);
+    let streaming = r
+        .streaming
+        .iter()
+        .filter(|row| row.errors.total() > 0)
+        .map(Streaming::summary);
+    let scale = r
+        .scale
+        .iter()
+        .filter(|row| row.errors.total() > 0)
+        .map(ScaleRow::summary);
+    let queue = r
+        .queue
+        .iter()
+        .filter(|row| row.errors.total() > 0)
+        .map(QueueRow::summary);
+    throughput.chain(streaming).chain(scale).chain(queue).collect()
 }
 
 /// Parts 1, 2 and 3: a mock alone, the router and nginx, each proxy in front of a mock
@@ -571,7 +607,7 @@ impl CpuTicks {
             .take(8)
             .sum();
         let me = std::process::id();
-        let own = (14..=17).filter_map(|n| proc_stat_field(me, n)).sum();
+        let own = (14..=17).filter_map(|n| procfs::stat_field(me, n)).sum();
         CpuTicks {
             machine,
             own,
@@ -584,7 +620,7 @@ impl CpuTicks {
         let end = CpuTicks::now();
         let others = (end.machine - self.machine).saturating_sub(end.own - self.own);
         let capacity =
-            end.at.duration_since(self.at).as_secs_f64() * clock_ticks() as f64 * nproc as f64;
+            end.at.duration_since(self.at).as_secs_f64() * procfs::clock_ticks() as f64 * nproc as f64;
         100.0 * others as f64 / capacity.max(1.0)
     }
 }
@@ -1701,25 +1737,9 @@ fn sent_us(event: &[u8]) -> Option<u64> {
 
 /// A blocking GET on a new connection: status and body.
 fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, Vec<u8>), String> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))
-        .map_err(|e| format!("connect {addr}: {e}"))?;
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
-    let mut raw = Vec::new();
-    s.write_all(req.as_bytes())
-        .and_then(|_| s.read_to_end(&mut raw))
+    let resp = http::fetch(addr, "GET", path, &[], b"", Duration::from_secs(10))
         .map_err(|e| format!("GET {path} on {addr}: {e}"))?;
-    let mut parser = Parser::default();
-    parser.extend(&raw);
-    let mut body = Vec::new();
-    loop {
-        match parser.next()? {
-            Step::Head { .. } => {}
-            Step::Data(d) => body.extend_from_slice(d),
-            Step::Done(status) => return Ok((status, body)),
-            Step::NeedMore => return Err(format!("GET {path} on {addr}: truncated reply")),
-        }
-    }
+    Ok((resp.status, resp.body))
 }
 
 fn get_json(addr: SocketAddr, path: &str) -> Result<serde_json::Value, String> {
@@ -1846,23 +1866,28 @@ impl Drop for Env {
 /// A child process, stopped (SIGTERM, then SIGKILL) when dropped.
 struct Proc {
     name: String,
-    child: Child,
+    proc: process::Proc,
 }
 
 impl Proc {
     /// Starts `cmd` with its stderr in `<work>/<name>.stderr`.
     fn spawn(mut cmd: Command, name: &str, work: &Path) -> Result<Proc, String> {
-        let log = work.join(format!("{name}.stderr"));
-        let stderr =
-            fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
-        cmd.stdin(Stdio::null()).stderr(stderr);
+        Proc::log_stderr(&mut cmd, name, work)?;
         let child = cmd
             .spawn()
             .map_err(|e| format!("cannot start {name}: {e}"))?;
         Ok(Proc {
             name: name.to_owned(),
-            child,
+            proc: process::Proc(child),
         })
+    }
+
+    fn log_stderr(cmd: &mut Command, name: &str, work: &Path) -> Result<(), String> {
+        let log = work.join(format!("{name}.stderr"));
+        let stderr =
+            fs::File::create(&log).map_err(|e| format!("cannot create {}: {e}", log.display()))?;
+        cmd.stdin(Stdio::null()).stderr(stderr);
+        Ok(())
     }
 
     /// Starts `cmd` and reads the `listening on ADDR` line it prints first.
@@ -1871,52 +1896,34 @@ impl Proc {
         name: &str,
         work: &Path,
     ) -> Result<(Proc, SocketAddr), String> {
-        cmd.stdout(Stdio::piped());
-        let mut proc = Proc::spawn(cmd, name, work)?;
-        let stdout = proc.child.stdout.take().ok_or("no stdout")?;
-        let mut lines = BufReader::new(stdout);
-        let mut line = String::new();
-        let read = lines.read_line(&mut line);
-        // Keep draining so the child never blocks on (or fails writing to) its stdout.
-        thread::spawn(move || io::copy(&mut lines, &mut io::sink()));
-        if !matches!(read, Ok(1..)) {
-            let log = work.join(format!("{name}.stderr"));
-            let why = fs::read_to_string(&log).unwrap_or_default();
-            return Err(format!("{name} did not start: {}", why.trim()));
+        Proc::log_stderr(&mut cmd, name, work)?;
+        match process::spawn_listening(cmd, name) {
+            Ok((proc, addr)) => Ok((
+                Proc {
+                    name: name.to_owned(),
+                    proc,
+                },
+                addr,
+            )),
+            Err(e) => {
+                let log = work.join(format!("{name}.stderr"));
+                let why = fs::read_to_string(&log).unwrap_or_default();
+                Err(format!("{e}: {}", why.trim()))
+            }
         }
-        let addr = line
-            .rsplit("listening on ")
-            .next()
-            .map(|a| a.trim().trim_start_matches("http://"))
-            .and_then(|a| a.parse().ok())
-            .ok_or_else(|| format!("{name} printed {line:?}, not its address"))?;
-        Ok((proc, addr))
     }
 
     fn pid(&self) -> u32 {
-        self.child.id()
+        self.proc.pid()
     }
 }
 
 impl Drop for Proc {
-    #[allow(unsafe_code)]
     fn drop(&mut self) {
-        if let Ok(Some(_)) = self.child.try_wait() {
-            return;
-        }
-        // SAFETY: plain syscall on our own child, which has not been reaped yet.
         // SIGTERM lets nginx's master stop its workers; SIGKILL would orphan them.
-        unsafe { libc::kill(self.pid() as libc::pid_t, libc::SIGTERM) };
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            thread::sleep(Duration::from_millis(10));
+        if !self.proc.terminate(Duration::from_secs(5)) {
+            eprintln!("bench: {} did not stop on SIGTERM; killing it", self.name);
         }
-        eprintln!("bench: {} did not stop on SIGTERM; killing it", self.name);
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
 
@@ -1956,12 +1963,7 @@ impl Nginx {
     /// The worker processes, where nginx does its work.
     fn worker_pids(&self) -> Vec<u32> {
         let master = self.proc.pid();
-        let Ok(dir) = fs::read_dir("/proc") else {
-            return vec![];
-        };
-        dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-            .filter(|&pid| proc_stat_field(pid, 4) == Some(u64::from(master)))
-            .collect()
+        procfs::children(master)
     }
 }
 
@@ -1977,6 +1979,8 @@ fn servers_toml(backends: &[SocketAddr], cap: usize, queue: usize) -> String {
     )
 }
 
+/// Polls every millisecond, not the harness's 10: the start-up figures are read
+/// through it.
 fn wait_until(timeout: Duration, what: &str, mut ok: impl FnMut() -> bool) -> Result<(), String> {
     let deadline = Instant::now() + timeout;
     while !ok() {
@@ -1989,11 +1993,7 @@ fn wait_until(timeout: Duration, what: &str, mut ok: impl FnMut() -> bool) -> Re
 }
 
 fn free_port() -> Result<u16, String> {
-    let l =
-        TcpListener::bind("127.0.0.1:0").map_err(|e| format!("cannot find a free port: {e}"))?;
-    l.local_addr()
-        .map(|a| a.port())
-        .map_err(|e| format!("cannot find a free port: {e}"))
+    process::free_port().map_err(|e| format!("cannot find a free port: {e}"))
 }
 
 fn find_in_path(bin: &str) -> Option<PathBuf> {
@@ -2037,42 +2037,14 @@ struct ProcSample {
 }
 
 impl ProcSample {
+    /// The figures of `pid`, zeros when it is gone.
     fn of(pid: u32) -> ProcSample {
-        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(0)
-        };
+        let status = procfs::status(pid).unwrap_or_default();
         ProcSample {
-            rss_kib: field("VmRSS:"),
-            threads: field("Threads:"),
+            rss_kib: status.rss_kib,
+            threads: status.threads,
         }
     }
-}
-
-/// Field `n` (1-based, as in proc(5)) of `/proc/PID/stat`.
-fn proc_stat_field(pid: u32, n: usize) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name (field 2) may hold spaces; fields after it follow its ')'.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    rest.split(' ').nth(n.checked_sub(3)?)?.parse().ok()
-}
-
-/// Clock ticks per second of `/proc` CPU times.
-#[allow(unsafe_code)]
-fn clock_ticks() -> u64 {
-    // SAFETY: sysconf only reads a constant.
-    unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64
-}
-
-/// CPU time (user + system) of a process, in microseconds.
-fn cpu_us(pid: u32) -> u64 {
-    let ticks = proc_stat_field(pid, 14).unwrap_or(0) + proc_stat_field(pid, 15).unwrap_or(0);
-    ticks * 1_000_000 / clock_ticks()
 }
 
 /// CPU time spent by groups of processes between two instants, measured on a
@@ -2082,7 +2054,7 @@ struct CpuWatch(JoinHandle<Vec<f64>>);
 impl CpuWatch {
     fn spawn(groups: Vec<Vec<u32>>, from: Instant, until: Instant) -> CpuWatch {
         CpuWatch(thread::spawn(move || {
-            let total = |g: &Vec<u32>| g.iter().map(|&p| cpu_us(p)).sum::<u64>();
+            let total = |g: &Vec<u32>| g.iter().map(|&p| procfs::cpu_us(p)).sum::<u64>();
             thread::sleep(from.saturating_duration_since(Instant::now()));
             let before: Vec<u64> = groups.iter().map(total).collect();
             thread::sleep(until.saturating_duration_since(Instant::now()));
