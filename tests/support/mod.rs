@@ -34,7 +34,8 @@ pub fn mock_bin() -> &'static Path {
         assert!(
             mock.is_file(),
             "{} is missing: the integration tests run the mock backend of the `tools/` \
-             member; build it first with `cargo build -p vllm-router-tools --bin mock-vllm` \
+             member; build it first with \
+             `cargo build -p vllm-router-tools --features bins --bin mock-vllm` \
              (or run `cargo test` with no -p, or `cargo test --workspace`)",
             mock.display()
         );
