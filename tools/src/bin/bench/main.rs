@@ -449,3 +449,22 @@ fn startup_part(env: &Env) -> Result<Vec<Startup>, String> {
     }
     Ok(rows)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_with_errors_fails_the_benchmark_and_a_missed_target_does_not() {
+        let mut report = Report::default();
+        report.throughput.push(ClosedLoop::default());
+        report.targets = check_targets(&report);
+        assert!(runs_with_errors(&report).is_empty());
+        let mut failed = QueueRow::default();
+        failed.errors.add("status 502");
+        report.queue.push(failed);
+        let errors = runs_with_errors(&report);
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert!(errors[0].contains("status 502"), "{errors:?}");
+    }
+}

@@ -235,7 +235,7 @@ pub(crate) fn get_json(addr: SocketAddr, path: &str) -> Result<serde_json::Value
 mod tests {
     use super::*;
 
-    pub(crate) fn steps(raw: &[&[u8]]) -> Vec<String> {
+    fn steps(raw: &[&[u8]]) -> Vec<String> {
         let mut p = Parser::default();
         let mut out = Vec::new();
         for piece in raw {
@@ -253,7 +253,7 @@ mod tests {
     }
 
     #[test]
-    pub(crate) fn reads_length_and_chunked_replies_back_to_back() {
+    fn reads_length_and_chunked_replies_back_to_back() {
         // Split at awkward places; the 503 is an event stream.
         let raw: &[&[u8]] = &[
             b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhel",
@@ -271,7 +271,7 @@ mod tests {
     }
 
     #[test]
-    pub(crate) fn rejects_broken_framing() {
+    fn rejects_broken_framing() {
         // What the router writes when the backend breaks mid-reply.
         let mut p = Parser::default();
         p.extend(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nROUTER-ABORTED\r\n\r\n");
@@ -288,24 +288,10 @@ mod tests {
     }
 
     #[test]
-    pub(crate) fn finds_sent_stamps_across_pieces() {
+    fn finds_sent_stamps_across_pieces() {
         let mut sse = Sse::default();
         assert!(sse.feed(b"data: {\"index\":0,\"sent_us\":12").is_empty());
         assert_eq!(sse.feed(b"34,\"x\":1}\n\ndata: [DONE]\n\n"), [1234]);
         assert!(sse.pending.is_empty());
-    }
-
-    #[test]
-    pub(crate) fn percentiles_by_nearest_rank() {
-        let v: Vec<u64> = (1..=100).collect();
-        assert_eq!(
-            (
-                percentile(&v, 0.5),
-                percentile(&v, 0.99),
-                percentile(&v, 1.0)
-            ),
-            (50.0, 99.0, 100.0)
-        );
-        assert_eq!(percentile(&[], 0.5), 0.0);
     }
 }

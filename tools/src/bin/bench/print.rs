@@ -285,3 +285,22 @@ pub(crate) fn unix_us() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_by_nearest_rank() {
+        let v: Vec<u64> = (1..=100).collect();
+        assert_eq!(
+            (
+                percentile(&v, 0.5),
+                percentile(&v, 0.99),
+                percentile(&v, 1.0)
+            ),
+            (50.0, 99.0, 100.0)
+        );
+        assert_eq!(percentile(&[], 0.5), 0.0);
+    }
+}
