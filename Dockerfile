@@ -17,6 +17,8 @@ WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
 COPY src ./src
 COPY tests ./tests
+# The workspace's other member: cargo reads its manifest (only vllm-router is built).
+COPY tools ./tools
 RUN cargo build --release --locked --target "${RUST_TARGET}" --bin vllm-router \
     && mkdir -p /out/logs \
     && cp "target/${RUST_TARGET}/release/vllm-router" /out/vllm-router \

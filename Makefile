@@ -1,9 +1,13 @@
 # vllm-router: `make run` to start it, `make test` for the whole suite.
 CARGO ?= cargo
-RELEASE_BIN := target/release/vllm-router
-MOCK_BIN := target/release/mock-vllm
+TARGET_DIR := $(or $(CARGO_TARGET_DIR),target)
+RELEASE_BIN := $(TARGET_DIR)/release/vllm-router
+# The tools (mock-vllm, bench, soak) are the workspace member tools/ (package
+# vllm-router-tools); their binaries need its `bins` feature.
+MOCK_BIN := $(TARGET_DIR)/release/mock-vllm
+TOOLS_FLAGS := -p vllm-router-tools --features bins
 # `make static`: a fully static x86_64 Linux binary (musl; see deploy/static.sh).
-STATIC_BIN := $(or $(CARGO_TARGET_DIR),target)/static/vllm-router
+STATIC_BIN := $(TARGET_DIR)/static/vllm-router
 # `make install`: PREFIX for the binary; DESTDIR for staged installs (packaging).
 PREFIX ?= /usr/local
 DESTDIR ?=
@@ -13,14 +17,19 @@ SYSTEMD_UNIT_DIR ?= /etc/systemd/system
 FEATURES ?=
 FEATURE_FLAGS := $(if $(FEATURES),--features $(FEATURES),)
 
-.PHONY: build run test lint demo clean static install deploy-check soak
+.PHONY: build tools run test lint demo clean static install deploy-check soak
 
+## The product alone: the release vllm-router (fat LTO), no tool.
 build:
-	$(CARGO) build --release --locked $(FEATURE_FLAGS)
+	$(CARGO) build --release --locked -p vllm-router $(FEATURE_FLAGS)
+
+## The tools in release: mock-vllm, bench, soak (for demo, soak and bench).
+tools:
+	$(CARGO) build --release --locked $(TOOLS_FLAGS) --bins
 
 ## Start the router with ./servers.toml on 0.0.0.0:8888, logging to the console too.
 run: build
-	./$(RELEASE_BIN) run --config ./servers.toml --console
+	$(RELEASE_BIN) run --config ./servers.toml --console
 
 # $(call need,COMMAND,DEBIAN-PACKAGE): installs the package when COMMAND is missing and
 # root may (apt-get), or stops saying what to install.
@@ -40,23 +49,23 @@ endef
 test:
 	$(call need,promtool,prometheus)
 	$(call need,node,nodejs)
-	$(CARGO) test --locked --all-targets
-	$(CARGO) test --locked --features tls --test integration tls::
+	$(CARGO) test --locked --workspace --all-targets
+	$(CARGO) test --locked -p vllm-router --features tls --test integration tls::
 
 ## Formatting and lints, as CI runs them.
 lint:
-	$(CARGO) fmt --check
-	$(CARGO) clippy --locked --all-targets -- -D warnings
-	$(CARGO) clippy --locked --all-targets --features tls -- -D warnings
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --locked --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --locked -p vllm-router --all-targets --features tls -- -D warnings
 
 ## Two mock vLLM servers on 8081 and 8082 (as in ./servers.toml) and the router on
 ## 8888. Ctrl-C stops all three.
-demo: build
+demo: build tools
 	@set -e; \
 	trap 'kill $$M1 $$M2 $$R 2>/dev/null; wait 2>/dev/null; echo; echo "demo stopped"' INT TERM EXIT; \
-	./$(MOCK_BIN) --port 8081 --id gpu-1 --delay-ms 150 --tokens 20 > /dev/null & M1=$$!; \
-	./$(MOCK_BIN) --port 8082 --id gpu-2 --delay-ms 150 --tokens 20 > /dev/null & M2=$$!; \
-	./$(RELEASE_BIN) run --config ./servers.toml --console & R=$$!; \
+	$(MOCK_BIN) --port 8081 --id gpu-1 --delay-ms 150 --tokens 20 > /dev/null & M1=$$!; \
+	$(MOCK_BIN) --port 8082 --id gpu-2 --delay-ms 150 --tokens 20 > /dev/null & M2=$$!; \
+	$(RELEASE_BIN) run --config ./servers.toml --console & R=$$!; \
 	sleep 1; \
 	echo; \
 	echo "Try, in another terminal:"; \
@@ -109,21 +118,21 @@ deploy-check:
 ## against the mocks, mixed with every hostile input the router refuses; then
 ## in-flight counts 0, threads near their start, RSS near its figure after the warm-up,
 ## no accept-loop restart. Exits non-zero on a failure.
-soak: build
-	$(or $(CARGO_TARGET_DIR),target)/release/soak
+soak: build tools
+	$(TARGET_DIR)/release/soak
 
 ## The benchmark of issue 7 (README, "Benchmark"): the mock directly, through the router
 ## and through nginx, side by side on 127.0.0.1, in about 4 minutes. Installs nginx
 ## (Debian) when it is missing and root may; otherwise the benchmark runs without it.
+## Exits non-zero when a run had errors; a target missed is reported, not a failure.
 .PHONY: bench
-bench:
-	$(CARGO) build --release --locked --bins
+bench: build tools
 	@command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || \
 		{ [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && \
 		  { DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null 2>&1 || \
 		    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }; }; } || \
 		echo "nginx not installed and cannot be installed here: the benchmark skips it"
-	$(or $(CARGO_TARGET_DIR),target)/release/bench
+	$(TARGET_DIR)/release/bench
 
 ## Fuzz the request framing and the chunked decoder (fuzz/, cargo-fuzz), each target for
 ## FUZZ_SECONDS (default 60); not part of `make test`. Installs cargo-fuzz when missing.

@@ -373,7 +373,7 @@ free_port() {
 }
 
 start_mocks() {
-    "$CARGO" build --locked --bin mock-vllm -q || return 1
+    "$CARGO" build --locked -p vllm-router-tools --features bins --bin mock-vllm -q || return 1
     local mock="$TGT/debug/mock-vllm"
     "$mock" --port 0 --id gpu-1 >"$WORK/mock1.out" 2>&1 &
     PIDS+=($!)

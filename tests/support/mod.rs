@@ -1,21 +1,47 @@
 //! Test support: start the real `vllm-router` and `mock-vllm` binaries on 127.0.0.1
 //! with ephemeral ports, talk to them over real sockets, and poll for conditions
 //! instead of sleeping. Every child process is killed when its handle drops.
+//!
+//! A thin layer over the harness library (`vllm_router_tools`, in `tools/`) that the
+//! soak and the benchmark share: here its fallible calls become panics that say what
+//! a test expected.
 
 #![allow(dead_code)] // each test module uses a different part of this
 
 use std::fmt::Write as _;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex, RwLock, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, OnceLock, RwLock, RwLockWriteGuard};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
+use vllm_router_tools::{http, process, procfs};
+
+pub use vllm_router_tools::http::{Conn, Resp};
+pub use vllm_router_tools::process::Proc;
+
 pub const ROUTER: &str = env!("CARGO_BIN_EXE_vllm-router");
-pub const MOCK: &str = env!("CARGO_BIN_EXE_mock-vllm");
+
+/// `mock-vllm`, which the `tools/` member builds into the same target directory as
+/// the router (`cargo test` with no arguments builds both).
+pub fn mock_bin() -> &'static Path {
+    static MOCK: OnceLock<PathBuf> = OnceLock::new();
+    MOCK.get_or_init(|| {
+        let router = Path::new(ROUTER);
+        let mock = router.with_file_name("mock-vllm");
+        assert!(
+            mock.is_file(),
+            "{} is missing: the integration tests run the mock backend of the `tools/` \
+             member; build it first with \
+             `cargo build -p vllm-router-tools --features bins --bin mock-vllm` \
+             (or run `cargo test` with no -p, or `cargo test --workspace`)",
+            mock.display()
+        );
+        mock
+    })
+}
 
 /// A fresh directory per test under the system temp dir.
 pub fn test_dir(name: &str) -> PathBuf {
@@ -31,57 +57,10 @@ pub fn test_dir(name: &str) -> PathBuf {
 }
 
 /// Polls `cond` until it holds or `timeout` passes; panics with `what` on timeout.
-pub fn wait_until(timeout: Duration, what: &str, mut cond: impl FnMut() -> bool) {
-    let deadline = Instant::now() + timeout;
-    while !cond() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for: {what}"
-        );
-        std::thread::sleep(Duration::from_millis(10));
+pub fn wait_until(timeout: Duration, what: &str, cond: impl FnMut() -> bool) {
+    if let Err(e) = process::wait_until(timeout, what, cond) {
+        panic!("{e}");
     }
-}
-
-/// A child process killed on drop.
-pub struct Proc(pub Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-/// Spawns `cmd` and waits for the `listening on ...:PORT` line it prints first.
-fn spawn_listening(mut cmd: Command, what: &str) -> Result<(Proc, SocketAddr), String> {
-    cmd.stdout(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start {what}: {e}"))?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let proc = Proc(child);
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        if let Some(Ok(line)) = lines.next() {
-            let _ = tx.send(line);
-        }
-        // Keep draining so the child never blocks on a full pipe.
-        for _ in lines {}
-    });
-    let line = rx
-        .recv_timeout(Duration::from_secs(20))
-        .map_err(|_| format!("{what} printed no 'listening on' line"))?;
-    let addr = line
-        .rsplit("listening on ")
-        .next()
-        .map(|a| {
-            a.trim_start_matches("http://")
-                .trim_start_matches("https://")
-        })
-        .and_then(|a| a.parse().ok())
-        .ok_or_else(|| format!("{what} printed {line:?}, not a listening address"))?;
-    Ok((proc, addr))
 }
 
 /// A running mock vLLM backend.
@@ -93,11 +72,11 @@ pub struct Mock {
 
 impl Mock {
     pub fn start(args: &[&str]) -> Mock {
-        let mut cmd = Command::new(MOCK);
+        let mut cmd = Command::new(mock_bin());
         cmd.args(["--host", "127.0.0.1", "--port", "0"])
             .args(args)
             .stderr(Stdio::null());
-        let (proc, addr) = spawn_listening(cmd, "mock-vllm").expect("mock starts");
+        let (proc, addr) = process::spawn_listening(cmd, "mock-vllm").expect("mock starts");
         Mock {
             _proc: proc,
             addr,
@@ -152,14 +131,9 @@ enum Limit {
 
 const NOBODY: u32 = 65534;
 
-/// A number from `/proc/PID/status`: `Threads`, or `VmRSS` (in KiB).
+/// A number from `/proc/PID/status`: `Threads`, `VmRSS` or `VmHWM` (in KiB).
 pub fn proc_status(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("proc status");
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
+    procfs::field(pid, field).unwrap_or_else(|e| panic!("{e}"))
 }
 
 /// The resident set of process `pid`, in KiB.
@@ -224,10 +198,7 @@ impl Router {
     pub fn start(toml: &str) -> Router {
         let router = Router::start_with(toml, &[], &[])
             .unwrap_or_else(|e| panic!("router did not start: {e}"));
-        wait_until(Duration::from_secs(10), "every backend healthy", || {
-            let health = router.get_json("/health");
-            health["healthy_servers"] == health["total_servers"]
-        });
+        router.wait_all_healthy();
         router
     }
 
@@ -331,7 +302,7 @@ impl Router {
             let dir = dir.clone();
             std::thread::spawn(move || during_startup(dir))
         };
-        let started = spawn_listening(cmd, "vllm-router");
+        let started = process::spawn_listening(cmd, "vllm-router");
         racer
             .join()
             .map_err(|_| "the start-up hook panicked".to_owned())?;
@@ -403,34 +374,6 @@ pub fn servers_toml(backends: &[(&str, u32)], config: &str) -> String {
     s
 }
 
-/// A response read off the wire, with the arrival time of each body chunk.
-#[derive(Debug)]
-pub struct Resp {
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
-    /// (arrival, bytes) per HTTP chunk, for chunked replies.
-    pub chunks: Vec<(Instant, Vec<u8>)>,
-}
-
-impl Resp {
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case(name))
-            .map(|(_, v)| v.as_str())
-    }
-
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).into_owned()
-    }
-
-    pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.text()))
-    }
-}
-
 /// One request on a new connection (`Connection: close`).
 pub fn request(
     addr: SocketAddr,
@@ -449,148 +392,17 @@ pub fn get_json(addr: SocketAddr, path: &str) -> serde_json::Value {
     resp.json()
 }
 
-/// A raw client connection, for keep-alive, streaming and disconnect tests.
-pub struct Conn {
-    pub stream: TcpStream,
-    pub reader: BufReader<TcpStream>,
-}
-
-impl Conn {
-    pub fn open(addr: SocketAddr) -> Conn {
-        let stream = TcpStream::connect(addr).expect("connect");
-        stream.set_nodelay(true).expect("nodelay");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("timeout");
-        let reader = BufReader::new(stream.try_clone().expect("clone"));
-        Conn { stream, reader }
-    }
-
-    pub fn send(
-        &mut self,
-        method: &str,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &[u8],
-        close: bool,
-    ) {
-        let mut head = format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
-        for (n, v) in headers {
-            let _ = write!(head, "{n}: {v}\r\n");
-        }
-        if !body.is_empty() || method == "POST" {
-            let _ = write!(head, "Content-Length: {}\r\n", body.len());
-        }
-        if close {
-            head.push_str("Connection: close\r\n");
-        }
-        head.push_str("\r\n");
-        let mut bytes = head.into_bytes();
-        bytes.extend_from_slice(body);
-        self.send_raw(&bytes);
-    }
-
-    pub fn send_raw(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).expect("send request");
-    }
-
-    /// Reads the status line and headers only.
-    pub fn read_head(&mut self) -> Result<(u16, Vec<(String, String)>), String> {
-        let mut line = String::new();
-        self.reader
-            .read_line(&mut line)
-            .map_err(|e| e.to_string())?;
-        let status = line
-            .split(' ')
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| format!("bad status line {line:?}"))?;
-        let mut headers = Vec::new();
-        loop {
-            line.clear();
-            self.reader
-                .read_line(&mut line)
-                .map_err(|e| e.to_string())?;
-            let l = line.trim_end();
-            if l.is_empty() {
-                break;
-            }
-            let (n, v) = l
-                .split_once(':')
-                .ok_or_else(|| format!("bad header {l:?}"))?;
-            headers.push((n.trim().to_owned(), v.trim().to_owned()));
-        }
-        Ok((status, headers))
-    }
-
-    /// Reads one chunk of a chunked body: `Ok(None)` at the terminating chunk.
-    pub fn read_chunk(&mut self) -> Result<Option<Vec<u8>>, String> {
-        let mut line = String::new();
-        self.reader
-            .read_line(&mut line)
-            .map_err(|e| e.to_string())?;
-        let size = usize::from_str_radix(line.trim_end(), 16)
-            .map_err(|_| format!("bad chunk header {line:?}"))?;
-        let mut data = vec![0; size + 2];
-        self.reader
-            .read_exact(&mut data)
-            .map_err(|e| e.to_string())?;
-        if !data.ends_with(b"\r\n") {
-            return Err("chunk not followed by CRLF".into());
-        }
-        data.truncate(size);
-        Ok(if size == 0 { None } else { Some(data) })
-    }
-
-    /// Reads a whole response, framed as its head says.
-    pub fn read_response(&mut self, head_request: bool) -> Result<Resp, String> {
-        let (status, headers) = self.read_head()?;
-        let mut resp = Resp {
-            status,
-            headers,
-            body: Vec::new(),
-            chunks: Vec::new(),
-        };
-        if head_request || status == 204 || status == 304 {
-            return Ok(resp);
-        }
-        if resp
-            .header("transfer-encoding")
-            .is_some_and(|te| te.eq_ignore_ascii_case("chunked"))
-        {
-            while let Some(chunk) = self.read_chunk()? {
-                resp.body.extend_from_slice(&chunk);
-                resp.chunks.push((Instant::now(), chunk));
-            }
-        } else if let Some(len) = resp.header("content-length") {
-            let len: usize = len.parse().map_err(|_| "bad content-length")?;
-            resp.body.resize(len, 0);
-            self.reader
-                .read_exact(&mut resp.body)
-                .map_err(|e| e.to_string())?;
-        } else {
-            self.reader
-                .read_to_end(&mut resp.body)
-                .map_err(|e| e.to_string())?;
-        }
-        Ok(resp)
-    }
-}
-
 /// A port on 127.0.0.1 that was free a moment ago: nothing listens there (yet).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port()
+    process::free_port().expect("free port")
 }
 
 impl Router {
     /// Waits until `/readyz` answers 200: at least one backend is routable.
     pub fn wait_ready(&self) {
-        wait_until(Duration::from_secs(10), "/readyz answers 200", || {
-            self.get("/readyz").status == 200
-        });
+        if let Err(e) = process::wait_ready(self.addr, Duration::from_secs(10)) {
+            panic!("{e}");
+        }
     }
 
     /// Waits until `/health` counts `n` healthy servers.
@@ -784,25 +596,7 @@ fn try_request_within(
     body: &str,
     timeout: Duration,
 ) -> Result<Resp, String> {
-    let stream = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(timeout))
-        .map_err(|e| e.to_string())?;
-    let reader = BufReader::new(stream.try_clone().map_err(|e| e.to_string())?);
-    let mut conn = Conn { stream, reader };
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {}\r\nConnection: close\r\n",
-        body.len()
-    );
-    for (n, v) in headers {
-        head.push_str(&format!("{n}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    head.push_str(body);
-    conn.stream
-        .write_all(head.as_bytes())
-        .map_err(|e| format!("send: {e}"))?;
-    conn.read_response(method == "HEAD")
+    http::fetch(addr, method, path, headers, body.as_bytes(), timeout)
 }
 
 /// A steady load of sequential requests on a few client threads, counting anything
@@ -906,10 +700,20 @@ impl Router {
     /// router requires an API key).
     pub fn wait_all_healthy(&self) {
         wait_until(Duration::from_secs(10), "every backend healthy", || {
-            let health = self.get_json("/health");
-            health["healthy_servers"] == health["total_servers"]
+            all_healthy(&self.get_json("/health"))
         });
     }
+}
+
+/// Whether a `/health` document counts every server healthy. Both counts must be
+/// there: two missing fields are equal too.
+fn all_healthy(health: &serde_json::Value) -> bool {
+    let count = |field: &str| {
+        health[field]
+            .as_u64()
+            .unwrap_or_else(|| panic!("/health has no number {field}: {health}"))
+    };
+    count("healthy_servers") == count("total_servers")
 }
 
 /// The bound for anything that should happen at once.
