@@ -121,7 +121,7 @@ deploy-check:
 soak: build tools
 	$(TARGET_DIR)/release/soak
 
-## The benchmark of issue 7 (README, "Benchmark"): the mock directly, through the router
+## The benchmark of issue 7 (docs/benchmark.md): the mock directly, through the router
 ## and through nginx, side by side on 127.0.0.1, in about 4 minutes. Installs nginx
 ## (Debian) when it is missing and root may; otherwise the benchmark runs without it.
 ## Exits non-zero when a run had errors; a target missed is reported, not a failure.

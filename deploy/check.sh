@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# `make deploy-check`: checks every deployment path of README without a Docker engine
+# `make deploy-check`: checks every deployment path of docs/deployment.md without a Docker engine
 # or a cluster. Each step prints PASS or FAIL; the last line counts them.
 #
 #  1. hadolint on the Dockerfile.

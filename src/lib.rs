@@ -5,19 +5,15 @@
 //! connection from accept to close), `request` (the request path, from the head to
 //! the last byte of the reply), `backend` (the backends: their registry and slots,
 //! their health, the HTTP client towards them) and `control` (what runs the process:
-//! reload, signals, metrics, logging). `shared` and `tls` stay at the top because
-//! every layer uses them: `Shared` is the state all threads hold, and `tls` serves
-//! both the listener (`client`) and the agents towards https:// backends (`backend`).
+//! the configuration and the command line, reload, signals, metrics, logging).
+//! `shared` and `tls` stay at the top because every layer uses them: `Shared` is the
+//! state all threads hold, and `tls` serves both the listener (`client`) and the
+//! agents towards https:// backends (`backend`).
 #![deny(unsafe_code)] // the exceptions (client::budget, client::handoff, client::listener) say why where they allow it
 
 pub mod backend;
-pub mod cli;
 pub mod client;
-pub mod config;
 pub mod control;
 pub mod request;
 pub mod shared;
 pub mod tls;
-
-/// `config` names the key type by this path; it goes when `config` moves into `control`.
-pub use request::auth;

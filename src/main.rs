@@ -8,12 +8,13 @@ use std::sync::Arc;
 use argh::FromArgs;
 
 use vllm_router::backend::health;
-use vllm_router::cli::{self, CheckConfigArgs, Cli, Command, HealthcheckArgs, RunArgs};
 use vllm_router::client::listener;
+use vllm_router::control::cli::{self, CheckConfigArgs, Cli, Command, HealthcheckArgs, RunArgs};
+use vllm_router::control::config;
 use vllm_router::control::{logging, reload, signals};
 use vllm_router::request::auth::{self, Secret};
 use vllm_router::request::pool;
-use vllm_router::{config, shared::Shared, tls};
+use vllm_router::{shared::Shared, tls};
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().collect();

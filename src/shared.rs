@@ -27,7 +27,7 @@ use crate::backend::http::AgentConfig;
 use crate::backend::registry::Table;
 use crate::client::budget::Budget;
 use crate::client::registry::Clients;
-use crate::config::Config;
+use crate::control::config::Config;
 use crate::control::metrics::Metrics;
 use crate::request::auth::Secret;
 

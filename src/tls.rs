@@ -5,7 +5,7 @@
 //! the feature, `config` refuses the TLS keys, so these functions are never asked for
 //! TLS.
 
-use crate::config::Settings;
+use crate::control::config::Settings;
 
 /// What the listener serves HTTPS with.
 #[cfg(feature = "tls")]

@@ -16,7 +16,7 @@ use std::process::{Command, Stdio};
 
 use vllm_router::client::head::Upgrade;
 use vllm_router::client::request::{self, MessageError};
-use vllm_router::config;
+use vllm_router::control::config;
 use vllm_router::request::headers;
 
 const SCRIPT: &str = concat!(
@@ -335,7 +335,7 @@ fn cases() -> Vec<Case> {
 }
 
 /// The router's verdict: the framing, then the refusals of anything it would not relay
-/// that depend on the head alone (as `server` and `relay` make them before a body byte
+/// that depend on the head alone (as the connection thread and `relay` make them before a body byte
 /// is read).
 fn router(bytes: &[u8]) -> Verdict {
     let max_header_bytes = config::Settings::default().max_header_bytes;

@@ -981,7 +981,7 @@ fn hostile_heads_and_bodies_get_clear_errors_and_never_reach_the_backend() {
         let resp = send_raw(router.addr, &chat_head(CHAT, &extra)).expect("reply");
         assert_eq!(resp.status, 200, "{what}: {}", resp.text());
     }
-    // ureq writes a request head through a 4 KiB buffer (`upstream`), whole lines at a
+    // ureq writes a request head through a 4 KiB buffer (`backend::http`), whole lines at a
     // time: a head near the cap goes out in pieces, and a single line longer than the
     // buffer, a header or the request line, needs a buffer of its own for that request.
     // Each of these must reach the backend whole, and the backend stay healthy.

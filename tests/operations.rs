@@ -635,7 +635,7 @@ fn sigterm_drains_streams_then_exits_zero_and_removes_the_pid_file() {
         "/readyz still 200 {unready_after:?} after SIGTERM"
     );
     // The three streams hold the drain open for about three seconds more, so this is
-    // inside it: the listener still takes connections (README, "Graceful shutdown":
+    // inside it: the listener still takes connections (docs/operations.md, "Graceful shutdown":
     // new requests are answered 503), and a refused or broken one fails the test.
     assert!(
         mock.stat("in_flight") == 3,

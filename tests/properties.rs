@@ -2,7 +2,7 @@
 //! test: round trips (a config, a chunked body, a head, a request body built from generated
 //! parts parses back to exactly those parts), generated defects with the error each must
 //! give (a config with one bad line, a chunked body with one broken chunk), and for the key
-//! check the rule as the README states it (`Authorization: Bearer <key>`, the key exactly).
+//! check the rule as docs/security.md states it (`Authorization: Bearer <key>`, the key exactly).
 //! Arbitrary bytes still go to the config parser, which must answer with one located line.
 //! Each property runs 1000 random cases in `make test`; a failure prints the shrunk input
 //! to add as a regular test.
@@ -13,7 +13,7 @@ use std::time::Duration;
 use proptest::prelude::*;
 use serde_json::{json, Value};
 use vllm_router::client::{chunked, head};
-use vllm_router::config;
+use vllm_router::control::config;
 use vllm_router::request::error::RouterError;
 use vllm_router::request::{auth, headers, relay};
 
@@ -90,7 +90,7 @@ impl Server {
         format!("{scheme}://{host}:{}{prefix}{slash}", self.port)
     }
 
-    /// The URL as README documents it is kept: lower-case scheme and host, no
+    /// The URL as docs/configuration.md documents it is kept: lower-case scheme and host, no
     /// trailing `/`.
     fn expected(&self) -> String {
         let prefix = self
@@ -198,7 +198,7 @@ fn config_lines(servers: &[Server], settings: &[Setting]) -> Vec<String> {
 }
 
 /// One bad `[config]` line (none of its keys is among `settings()`'s, so it never
-/// repeats one), the column its error points at and the message, as README's
+/// repeats one), the column its error points at and the message, as docs/configuration.md's
 /// "Configuration" table states each key's rule. An unknown key's message ends in a
 /// hint, so only its start is known.
 #[derive(Debug, Clone)]
@@ -337,7 +337,7 @@ impl ChunkDefect {
     }
 }
 
-/// An `Authorization` value built from parts, and whether README's rule ("Security") accepts it:
+/// An `Authorization` value built from parts, and whether the documented rule (docs/security.md) accepts it:
 /// the scheme `Bearer` in any case, one or more spaces, then exactly one of the keys,
 /// with spaces or tabs around the whole value (a proxy may leave them).
 #[derive(Debug, Clone)]
@@ -437,7 +437,7 @@ fn fields() -> impl Strategy<Value = std::collections::BTreeMap<String, Value>> 
     prop::collection::btree_map("[a-z_]{1,8}", json_leaf(), 0..5)
 }
 
-/// Routes whose POST body must be a JSON object (README, "Security": 400 otherwise).
+/// Routes whose POST body must be a JSON object (docs/security.md: 400 otherwise).
 const MODEL_ROUTES: &[&str] = &[
     "/v1/chat/completions",
     "/v1/completions",

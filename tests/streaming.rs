@@ -206,7 +206,7 @@ fn a_thousand_aborted_streams_leave_every_count_at_zero() {
     );
     // No peak check here: a backend notices a closed stream only at its next write,
     // so its own count lags the router's by a token or two. The cap itself is checked
-    // on completed requests in `admission`.
+    // on completed requests in the `admission` tests.
     eprintln!(
         "in-flight after 1000 aborted streams: {:?}",
         router.in_flight()

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use vllm_router::config::Settings;
+use vllm_router::control::config::Settings;
 
 use crate::support::{servers_toml, test_dir, Mock, Router, CHAT, CHAT_BODY};
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::backend::http::BackendAgent;
 use crate::backend::registry::{BackendId, NOT_CHECKED};
-use crate::config::ServerConfig;
+use crate::control::config::ServerConfig;
 use crate::request::auth::Secret;
 use crate::request::pick::Candidate;
 use crate::request::queue::Want;

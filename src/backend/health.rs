@@ -41,7 +41,7 @@ use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 
 use crate::backend::probe::Target;
 use crate::backend::registry::{BackendId, BackendView, CheckStats, Reported, NOT_CHECKED};
-use crate::config::Settings;
+use crate::control::config::Settings;
 use crate::shared::Shared;
 
 /// Checks remembered per backend.

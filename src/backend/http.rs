@@ -42,7 +42,7 @@ use ureq::unversioned::transport::{
 };
 use ureq::AsSendBody;
 
-use crate::config::Settings;
+use crate::control::config::Settings;
 
 /// The buffer ureq reads a backend's reply into, one per connection, allocated in full
 /// at the connection's first use and kept while it waits in the pool. ureq's default

@@ -46,7 +46,7 @@ use parking_lot::{Mutex, MutexGuard};
 use crate::backend::entry::{model_id, Entry, ReportedLoad};
 pub use crate::backend::entry::{BackendView, CheckStats, Reported};
 use crate::backend::http::{AgentConfig, BackendAgent};
-use crate::config::ServerConfig;
+use crate::control::config::ServerConfig;
 use crate::request::auth::Secret;
 use crate::request::pick;
 use crate::request::queue::{self, Grant, Limits, Queue, Rejection, Waited, Want};
@@ -612,8 +612,8 @@ mod tests {
                 api_key: None,
             })
             .collect();
-        let agents =
-            AgentConfig::from_settings(&crate::config::Settings::default()).expect("agent config");
+        let agents = AgentConfig::from_settings(&crate::control::config::Settings::default())
+            .expect("agent config");
         Table::new(&servers, true, agents)
     }
 

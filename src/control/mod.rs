@@ -1,6 +1,9 @@
-//! What runs the process around the request path: the reload thread, signals and the
-//! graceful shutdown, the Prometheus metrics, and where log lines go.
+//! What runs the process around the request path: the configuration and the command
+//! line, the reload thread, signals and the graceful shutdown, the Prometheus metrics,
+//! and where log lines go.
 
+pub mod cli;
+pub mod config;
 pub mod logging;
 pub mod metrics;
 pub mod reload;

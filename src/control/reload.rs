@@ -19,7 +19,7 @@ use std::thread;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError};
 
-use crate::config::{self, Config};
+use crate::control::config::{self, Config};
 use crate::request::pool::{self, Pool};
 use crate::shared::Shared;
 

@@ -15,7 +15,7 @@ use ureq::typestate::HttpCrateScope;
 
 use crate::backend::registry::Slot;
 use crate::client::registry::Ticket;
-use crate::config::Config;
+use crate::control::config::Config;
 use crate::request::access::Access;
 use crate::request::error::RouterError;
 use crate::request::queue::{Limits, Want};

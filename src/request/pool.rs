@@ -17,7 +17,7 @@ use std::thread;
 use parking_lot::{Condvar, Mutex};
 
 use crate::client::request::Request;
-use crate::config::Config;
+use crate::control::config::Config;
 use crate::control::logging::Trouble;
 use crate::request::{endpoints, relay};
 use crate::shared::Shared;

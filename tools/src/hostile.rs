@@ -118,7 +118,7 @@ pub fn json_post(target: &str, body: &str, key: Option<&str>, close: bool) -> Ve
     raw("POST", target, &extra, body.as_bytes())
 }
 
-/// Every hostile input the router refuses (README, "Security"), aimed at `t`. With no
+/// Every hostile input the router refuses (docs/security.md), aimed at `t`. With no
 /// key in `t`, the two key cases are left out.
 pub fn catalogue(t: &Target) -> Vec<Hostile> {
     use Expect::{Nothing, Status, StreamStarts};

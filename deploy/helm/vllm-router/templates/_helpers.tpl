@@ -43,7 +43,7 @@ servers = [
   { {{ join ", " $pairs }} },
 {{- end }}
 ]
-# [config]: README, "Configuration"; keys not set here take their defaults.
+# [config]: docs/configuration.md; keys not set here take their defaults.
 [config]
 {{- range $k, $v := .Values.config.settings }}
 {{ $k }} = {{ toJson $v }}

@@ -81,7 +81,7 @@ const GRACE: Duration = Duration::from_secs(5);
 const COMPLETION_BODY: &str = r#"{"model":"mock-model","prompt":"Say hello","max_tokens":4}"#;
 const STREAM_BODY: &str =
     r#"{"model":"mock-model","stream":true,"messages":[{"role":"user","content":"Say hello"}]}"#;
-const NGINX_TEMPLATE: &str = include_str!("../../../../bench/nginx.conf.in");
+const NGINX_TEMPLATE: &str = include_str!("nginx.conf.in");
 
 /// Exits 1 when the benchmark could not run, or when a run had failed requests (the
 /// figures of such a run are not comparable); a target missed is only reported.
@@ -161,7 +161,7 @@ fn runs_with_errors(r: &Report) -> Vec<String> {
 /// Parts 1, 2 and 3: a mock alone, the router and nginx, each proxy in front of a mock
 /// of its own. Sharing one would mislead the router: it reads a backend's own
 /// `/metrics` for its load, and would count the direct runs' requests as another
-/// router's (README, "Load across router replicas").
+/// router's (docs/operations.md, "Load across router replicas").
 fn front_parts(env: &Env, report: &mut Report) -> Result<(), String> {
     let mock = env.mock("mock")?;
     let router_mock = env.mock("router-mock")?;

@@ -8,7 +8,7 @@
 //!   the same request sent directly to a mock (the mock's output is deterministic for
 //!   a token count; `id`, `created`, `sent_us` and the mock's `backend` name differ
 //!   and are left out of the comparison);
-//! - every hostile input the router refuses today (README, "Security"): oversized
+//! - every hostile input the router refuses today (docs/security.md): oversized
 //!   bodies (declared and chunked), `Content-Length: 99999999999999`, garbage, negative
 //!   and doubled lengths, Content-Length with Transfer-Encoding, `gzip, chunked`, too
 //!   many and too large headers, a 20 KiB target, TRACE and BREW, bodies that are not
@@ -94,7 +94,7 @@ const TOKENS: [u32; 7] = [1, 2, 5, 8, 13, 21, 32];
 const KEEP_ALIVE_REQUESTS: usize = 20;
 /// Socket timeouts of every client: a stuck reply is an error, not a hang.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
-/// What the router logs when its accept loop sheds connections (`server::accept_loop`).
+/// What the router logs when its accept loop sheds connections (`client::listener::accept_loop`).
 const ACCEPT_TROUBLE: [&str; 4] = [
     "cannot accept connections",
     "out of file descriptors",

@@ -7,7 +7,7 @@ use super::checks::key_file_keys;
 use super::error::{position, ConfigError};
 use super::parse::{parse_document, KeyFile, Parsed};
 use super::Config;
-use crate::auth::Secret;
+use crate::request::auth::Secret;
 
 /// Reads and validates the file at `path`, and the key file it names.
 pub fn load(path: &Path) -> Result<Config, ConfigError> {
@@ -68,7 +68,7 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::config::parse;
+    use crate::control::config::parse;
 
     /// A fresh directory under the system's temp directory, removed on drop.
     struct TempDir(PathBuf);

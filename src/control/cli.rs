@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use argh::FromArgs;
 use log::LevelFilter;
 
-use crate::config::{self, Settings};
+use crate::control::config::{self, Settings};
 
 #[derive(FromArgs, Debug)]
 /// A router in front of vLLM OpenAI-compatible servers. Without a subcommand, `run`.

@@ -13,7 +13,7 @@ use toml::Spanned;
 use super::error::{bad, quote, Bad};
 use super::url::normalise_url;
 use super::Settings;
-use crate::auth::Secret;
+use crate::request::auth::Secret;
 
 /// Longest accepted duration: anything longer is a mistake, and it keeps `Instant + d` from
 /// overflowing in the code that uses these values.
@@ -130,7 +130,7 @@ impl<'a> Val<'a> {
     /// A key. Messages never quote a string value here: it may be the key itself.
     pub(super) fn secret(&self) -> Result<Secret, Bad> {
         match self.value.as_str() {
-            Some(key) if crate::auth::valid_key(key) => Ok(Secret::new(key)),
+            Some(key) if crate::request::auth::valid_key(key) => Ok(Secret::new(key)),
             Some(_) => Err(bad(
                 self.span.clone(),
                 format!(
@@ -225,7 +225,7 @@ pub fn valid_host(host: &str) -> bool {
 
 /// The keys of an `api_keys_file` whose text is `text`; `path` names it in messages.
 pub(super) fn key_file_keys(text: &str, path: &Path) -> Result<Vec<Secret>, String> {
-    let keys = crate::auth::parse_key_file(text).map_err(|line| {
+    let keys = crate::request::auth::parse_key_file(text).map_err(|line| {
         format!(
             "api_keys_file {} line {line} is not a valid key (no spaces or control characters)",
             path.display()

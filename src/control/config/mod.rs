@@ -26,7 +26,7 @@ mod url;
 
 use std::path::PathBuf;
 
-use crate::auth::Secret;
+use crate::request::auth::Secret;
 
 pub use checks::{parse_log_level, valid_host};
 pub use error::ConfigError;

@@ -206,11 +206,11 @@ mod tests {
     use log::LevelFilter;
 
     use super::*;
-    use crate::config::parse_log_level;
+    use crate::control::config::parse_log_level;
 
-    const BASIC: &str = include_str!("../../tests/fixtures/guide-basic.toml");
+    const BASIC: &str = include_str!("../../../tests/fixtures/guide-basic.toml");
 
-    const PRODUCTION: &str = include_str!("../../tests/fixtures/guide-production.toml");
+    const PRODUCTION: &str = include_str!("../../../tests/fixtures/guide-production.toml");
 
     /// Line 1-2 hold one valid server, so `[config]` is line 3 and its first key line 4.
     const ONE_SERVER: &str =

@@ -10,7 +10,7 @@ use log::LevelFilter;
 use super::checks::{Val, POSITIVE, ZERO_OK};
 use super::error::Bad;
 use super::Config;
-use crate::auth::Secret;
+use crate::request::auth::Secret;
 
 /// The `[config]` table with defaults filled in. Durations come from seconds in the file.
 #[derive(Debug, Clone, PartialEq)]
@@ -319,11 +319,12 @@ mod tests {
 
     use super::*;
 
-    const PRODUCTION: &str = include_str!("../../tests/fixtures/guide-production.toml");
+    const PRODUCTION: &str = include_str!("../../../tests/fixtures/guide-production.toml");
 
     #[test]
     fn summary_marks_defaults() {
-        let config = crate::config::parse(PRODUCTION, Path::new("servers.toml")).expect("valid");
+        let config =
+            crate::control::config::parse(PRODUCTION, Path::new("servers.toml")).expect("valid");
         let summary = config.summary();
         let expected = [
             "config file: servers.toml",
