@@ -335,8 +335,8 @@ fn cases() -> Vec<Case> {
 }
 
 /// The router's verdict: the framing, then the refusals of anything it would not relay
-/// that depend on the head alone (as the connection thread and `relay` make them before a body byte
-/// is read).
+/// that depend on the head alone (as the connection thread and `relay` make them
+/// before a body byte is read).
 fn router(bytes: &[u8]) -> Verdict {
     let max_header_bytes = config::Settings::default().max_header_bytes;
     match request::message_end(bytes, max_header_bytes) {
