@@ -18,6 +18,7 @@ use crate::support::{
     admitted, chat_for, free_port, request, test_dir, wait_until, Conn, FakeBackend, Mock, Proc,
     Resp, Router, CHAT, CHAT_BODY, ROUTER, SOON,
 };
+use vllm_router_tools::hostile::{self, pad_headers};
 
 /// A servers.toml: each backend as (url, extra fields of its entry, e.g.
 /// `, api_key = "x"`), then the `[config]` lines.
@@ -822,145 +823,32 @@ fn send_raw(addr: SocketAddr, raw: &[u8]) -> Result<Resp, String> {
     conn.read_response(false)
 }
 
-/// The `n` header lines `X-Pad-i: <value>`.
-fn pad_headers(n: usize, value: &str) -> String {
-    (0..n).map(|i| format!("X-Pad-{i}: {value}\r\n")).collect()
-}
-
 #[test]
 fn hostile_heads_and_bodies_get_clear_errors_and_never_reach_the_backend() {
     let mock = Mock::start(&[]);
-    let router = start(test_dir("limits"), &toml(&[(&mock.url, "")], ""), &[]);
-    let long_target = format!("{CHAT}?pad={}", "a".repeat(17 * 1024));
+    let max_body = 64 * 1024;
+    let router = start(
+        test_dir("limits"),
+        &toml(&[(&mock.url, "")], &format!("max_body_bytes = {max_body}")),
+        &[],
+    );
     let kib14 = "v".repeat(14 * 1024);
-    let bodyless = |method: &str, target: &str, extra: &str| {
-        format!("{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n")
-            .into_bytes()
-    };
-    let post = |target: &str, extra: &str, body: &str| {
-        format!("POST {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{extra}\r\n{body}")
-            .into_bytes()
-    };
-    // Framing is tried on a route that takes any body, so that only the framing
-    // check stands between the request and the backend.
-    let framed = |extra: &str, body: &str| post("/v1/other", extra, body);
-    let json_body = |body: &str| {
-        let extra = format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        post(CHAT, &extra, body)
-    };
-    // "X-Note: café", the é as its two UTF-8 bytes.
-    let mut non_ascii = chat_head(CHAT, "X-Note: caf\r\n");
-    let at = non_ascii
-        .windows(3)
-        .position(|w| w == b"caf")
-        .expect("marker")
-        + 3;
-    non_ascii.splice(at..at, [0xc3, 0xa9]);
-    // (what, request, status, the router's error code when it answers in JSON)
-    let cases: Vec<(&str, Vec<u8>, u16, Option<&str>)> = vec![
-        (
-            "101 headers besides Host",
-            chat_head(CHAT, &pad_headers(98, "v")),
-            431,
-            Some("headers_too_large"),
-        ),
-        (
-            "70 KiB of headers",
-            chat_head(CHAT, &pad_headers(5, &kib14)),
-            431,
-            Some("headers_too_large"),
-        ),
-        (
-            "a 17 KiB target",
-            chat_head(&long_target, ""),
-            414,
-            Some("uri_too_long"),
-        ),
-        (
-            "TRACE",
-            bodyless("TRACE", CHAT, ""),
-            501,
-            Some("method_not_implemented"),
-        ),
-        (
-            "CONNECT",
-            bodyless("CONNECT", "127.0.0.1:443", ""),
-            501,
-            Some("method_not_implemented"),
-        ),
-        (
-            "BREW",
-            bodyless("BREW", CHAT, ""),
-            501,
-            Some("method_not_implemented"),
-        ),
-        (
-            "Content-Length: -1",
-            framed("Content-Length: -1\r\n", ""),
-            400,
-            Some("bad_request"),
-        ),
-        (
-            "Content-Length: abc",
-            framed("Content-Length: abc\r\n", ""),
-            400,
-            Some("bad_request"),
-        ),
-        (
-            "two different Content-Lengths",
-            framed("Content-Length: 2\r\nContent-Length: 3\r\n", "{} "),
-            400,
-            Some("bad_request"),
-        ),
-        (
-            "Content-Length with Transfer-Encoding",
-            framed(
-                "Content-Length: 12\r\nTransfer-Encoding: chunked\r\n",
-                "2\r\n{}\r\n0\r\n\r\n",
-            ),
-            400,
-            None,
-        ),
-        (
-            "Transfer-Encoding: gzip, chunked",
-            framed(
-                "Transfer-Encoding: gzip, chunked\r\n",
-                "2\r\n{}\r\n0\r\n\r\n",
-            ),
-            400,
-            Some("bad_request"),
-        ),
-        ("a non-ASCII header value", non_ascii, 400, None),
-        (
-            "a bare CR in a header value",
-            chat_head(CHAT, "X-Note: a\rb\r\n"),
-            400,
-            None,
-        ),
-        (
-            "a body that is not JSON",
-            json_body("not json"),
-            400,
-            Some("bad_request"),
-        ),
-        (
-            "a number as the model",
-            json_body(r#"{"model": 5, "messages": []}"#),
-            400,
-            Some("bad_request"),
-        ),
-        (
-            "a JSON array body",
-            json_body("[1,2]"),
-            400,
-            Some("bad_request"),
-        ),
-        ("an empty body", json_body(""), 400, Some("bad_request")),
-    ];
-    for (what, raw, status, code) in cases {
+    // The catalogue the soak runs, once each: the status and error code, nothing at
+    // the backend, and the next request served.
+    let refused = hostile::catalogue(&hostile::Target {
+        key: None,
+        max_body,
+        marker: "",
+    });
+    let refused: Vec<_> = refused
+        .into_iter()
+        .filter_map(|h| match h.expect {
+            hostile::Expect::Status(status, code) => Some((h.name, h.request, status, code)),
+            _ => None,
+        })
+        .collect();
+    assert!(refused.len() >= 20, "the catalogue lost its refusals");
+    for (what, raw, status, code) in refused {
         let before = mock.stat("total");
         let resp = send_raw(router.addr, &raw).unwrap_or_else(|e| panic!("{what}: no reply: {e}"));
         assert_eq!(resp.status, status, "{what}: {}", resp.text());

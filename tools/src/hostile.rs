@@ -127,6 +127,9 @@ pub fn catalogue(t: &Target) -> Vec<Hostile> {
     let too_large = Status(413, Some("request_too_large"));
     let bad = Status(400, Some("bad_request"));
     let not_implemented = Status(501, Some("method_not_implemented"));
+    // One field over the cap of 100: Host, Connection, Content-Type, Content-Length, the
+    // key and the marker are fields too.
+    let fields = 4 + usize::from(t.key.is_some()) + t.marker.matches("\r\n").count();
     let case = |name, expect, request| Hostile {
         name,
         expect,
@@ -185,9 +188,12 @@ pub fn catalogue(t: &Target) -> Vec<Hostile> {
             ),
         ),
         case(
-            "120 headers",
+            "101 header fields",
             Status(431, Some("headers_too_large")),
-            t.chat(&format!("{small_json}{}", pad_headers(120, "v")), small),
+            t.chat(
+                &format!("{small_json}{}", pad_headers(101 - fields, "v")),
+                small,
+            ),
         ),
         case(
             "70 KiB of headers",
@@ -207,11 +213,17 @@ pub fn catalogue(t: &Target) -> Vec<Hostile> {
             raw("TRACE", CHAT, &t.refused(""), b""),
         ),
         case(
+            "CONNECT",
+            not_implemented,
+            raw("CONNECT", "127.0.0.1:443", &t.refused(""), b""),
+        ),
+        case(
             "BREW",
             not_implemented,
             raw("BREW", CHAT, &t.refused(""), b""),
         ),
         case("body not JSON", bad, t.json("not json")),
+        case("empty JSON body", bad, t.json("")),
         case("JSON array body", bad, t.json("[1,2]")),
         case("{\"model\":5}", bad, t.json(r#"{"model":5}"#)),
         case(
@@ -269,7 +281,7 @@ mod tests {
             marker: "X-Marker: 1\r\n",
         };
         let all = catalogue(&t);
-        assert_eq!(all.len(), 23);
+        assert_eq!(all.len(), 25);
         for h in &all {
             let marked = String::from_utf8_lossy(&h.request).contains("X-Marker: 1\r\n");
             let refused = matches!(h.expect, Expect::Status(..));
@@ -280,6 +292,6 @@ mod tests {
             max_body: 1024,
             marker: "",
         });
-        assert_eq!(keyless.len(), 21);
+        assert_eq!(keyless.len(), 23);
     }
 }
