@@ -246,6 +246,53 @@ fn longest_head_line<S>(request: &http::Request<S>) -> usize {
 mod tests {
     use super::*;
 
+    /// A backend connection that counts its shutdowns.
+    #[derive(Default)]
+    struct Counted(std::sync::atomic::AtomicUsize);
+
+    impl ShutdownHandle for Counted {
+        fn shutdown(&self) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    fn shutdowns(c: &Counted) -> usize {
+        c.0.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    #[test]
+    fn a_client_that_leaves_before_the_first_backend_write_still_stops_the_connection() {
+        let connection: Arc<Counted> = Arc::default();
+        let weak: Weak<dyn ShutdownHandle> = Arc::downgrade(&connection) as _;
+        let call = Call::default();
+        call.shut_down();
+        assert_eq!(shutdowns(&connection), 0, "no connection yet");
+        call.in_use(&weak);
+        assert_eq!(shutdowns(&connection), 1, "stopped as it is taken");
+
+        // The next request of a client connection starts afresh.
+        call.reset();
+        call.in_use(&weak);
+        assert_eq!(shutdowns(&connection), 1);
+        call.shut_down();
+        assert_eq!(shutdowns(&connection), 2, "stopped while in use");
+    }
+
+    #[test]
+    fn a_forgotten_connection_is_not_stopped() {
+        let connection: Arc<Counted> = Arc::default();
+        let weak: Weak<dyn ShutdownHandle> = Arc::downgrade(&connection) as _;
+        let call = Call::default();
+        call.in_use(&weak);
+        call.forget();
+        call.shut_down();
+        assert_eq!(
+            shutdowns(&connection),
+            0,
+            "back in the pool, serving another request"
+        );
+    }
+
     #[test]
     fn the_longest_head_line_is_bounded_from_above() {
         let request = |target: &str, value: &str| {
@@ -273,7 +320,16 @@ mod tests {
 /// Written by the worker's own reads and writes (through `Tracked`, while the worker
 /// runs inside `Call::during`); shut down by the connection thread when the client leaves (`client::handoff`).
 #[derive(Default)]
-pub struct Call(Mutex<Option<Weak<dyn ShutdownHandle>>>);
+pub struct Call(Mutex<CallState>);
+
+#[derive(Default)]
+struct CallState {
+    /// The connection in use, once the request has written or read through one.
+    handle: Option<Weak<dyn ShutdownHandle>>,
+    /// Shut down before a connection was in use (the client left between admission
+    /// and the first write to the backend): the connection is stopped as it is taken.
+    stopped: bool,
+}
 
 impl Call {
     /// Runs `f`, a request's work with its backend on this thread, recording the
@@ -283,22 +339,46 @@ impl Call {
         CURRENT.with(|current| *current.borrow_mut() = Some(Arc::clone(self)));
         let result = f();
         CURRENT.with(|current| *current.borrow_mut() = None);
-        *self.0.lock() = None;
+        self.0.lock().handle = None;
         result
+    }
+
+    /// Makes the call usable again for the next request of the same client connection.
+    pub fn reset(&self) {
+        *self.0.lock() = CallState::default();
     }
 
     /// Forgets the connection once the whole reply has been read from it: ureq has
     /// put it back in its pool for another request, and a client closing its
     /// connection after reading its reply must not stop it there.
     pub fn forget(&self) {
-        *self.0.lock() = None;
+        self.0.lock().handle = None;
     }
 
     /// Stops the backend connection in use, if any.
     pub fn shut_down(&self) {
-        let handle = self.0.lock().as_ref().and_then(Weak::upgrade);
+        let handle = {
+            let mut state = self.0.lock();
+            state.stopped = true;
+            state.handle.as_ref().and_then(Weak::upgrade)
+        };
         if let Some(handle) = handle {
             handle.shutdown();
+        }
+    }
+
+    /// Records the connection the request uses now; stops it at once if the call was
+    /// shut down before any connection was in use.
+    fn in_use(&self, handle: &Weak<dyn ShutdownHandle>) {
+        let stop = {
+            let mut state = self.0.lock();
+            state.handle = Some(handle.clone());
+            state.stopped
+        };
+        if stop {
+            if let Some(handle) = handle.upgrade() {
+                handle.shutdown();
+            }
         }
     }
 }
@@ -377,7 +457,7 @@ impl Tracked {
         };
         CURRENT.with(|current| {
             if let Some(call) = current.borrow().as_ref() {
-                *call.0.lock() = Some(handle.clone());
+                call.in_use(handle);
             }
         });
     }

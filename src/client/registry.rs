@@ -139,6 +139,7 @@ impl Conn {
     /// Starts a request of this connection (connection thread).
     pub fn ticket(self: &Arc<Self>) -> Ticket {
         self.client_left.store(false, Ordering::SeqCst);
+        self.backend_call.reset();
         Ticket {
             conn: Arc::clone(self),
         }
