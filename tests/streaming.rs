@@ -1,8 +1,10 @@
-use std::io::{BufRead, BufReader, ErrorKind, Read};
+use std::io::BufReader;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::Arc;
 use std::thread;
 use std::time::{Duration, Instant};
+
+use vllm_router_tools::http::{self, ChunkError};
 
 use crate::support::{servers_toml, wait_until, Conn, Mock, Router};
 
@@ -26,50 +28,15 @@ pub(crate) enum Next {
 /// connection open leaves its client hanging, which it cannot tell from a slow
 /// stream; a malformed chunk panics too, as the router must never send one.
 pub(crate) fn next_chunk(reader: &mut BufReader<TcpStream>, what: &str) -> Next {
-    let ended = |e: std::io::Error| match e.kind() {
-        ErrorKind::UnexpectedEof
-        | ErrorKind::ConnectionReset
-        | ErrorKind::ConnectionAborted
-        | ErrorKind::BrokenPipe => Next::Broke(e.to_string()),
-        ErrorKind::WouldBlock | ErrorKind::TimedOut => panic!(
+    match http::read_chunk(reader) {
+        Ok(Some(data)) => Next::Chunk(data),
+        Ok(None) => Next::End,
+        Err(ChunkError::Ended(how)) => Next::Broke(how),
+        Err(ChunkError::TimedOut) => panic!(
             "{what}: the reply neither went on nor ended within the read timeout: \
              a hung reply is no visible break"
         ),
-        _ => panic!("{what}: reading the reply: {e}"),
-    };
-    let mut line = Vec::new();
-    match reader.read_until(b'\n', &mut line) {
-        Err(e) => return ended(e),
-        Ok(_) if !line.ends_with(b"\n") => {
-            return Next::Broke(format!(
-                "EOF after {:?} of a chunk header",
-                String::from_utf8_lossy(&line)
-            ))
-        }
-        Ok(_) => {}
-    }
-    let size = std::str::from_utf8(&line)
-        .ok()
-        .and_then(|l| usize::from_str_radix(l.trim_end(), 16).ok())
-        .unwrap_or_else(|| {
-            panic!(
-                "{what}: a malformed chunk header {:?}",
-                String::from_utf8_lossy(&line)
-            )
-        });
-    let mut data = vec![0; size + 2];
-    if let Err(e) = reader.read_exact(&mut data) {
-        return ended(e);
-    }
-    assert!(
-        data.ends_with(b"\r\n"),
-        "{what}: a chunk not followed by CRLF"
-    );
-    data.truncate(size);
-    if size == 0 {
-        Next::End
-    } else {
-        Next::Chunk(data)
+        Err(e @ ChunkError::Bad(_)) => panic!("{what}: {e}"),
     }
 }
 

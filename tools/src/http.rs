@@ -164,21 +164,7 @@ impl Conn {
     /// Reads one chunk of a chunked body: `Ok(None)` at the terminating chunk (whose
     /// CRLF it reads; no trailers are expected).
     pub fn read_chunk(&mut self) -> Result<Option<Vec<u8>>, String> {
-        let mut line = String::new();
-        self.reader
-            .read_line(&mut line)
-            .map_err(|e| format!("reading a chunk size: {e}"))?;
-        let size = usize::from_str_radix(line.trim_end(), 16)
-            .map_err(|_| format!("bad chunk size line {line:?}"))?;
-        let mut data = vec![0; size + 2];
-        self.reader
-            .read_exact(&mut data)
-            .map_err(|e| format!("reading a chunk: {e}"))?;
-        if !data.ends_with(b"\r\n") {
-            return Err("chunk not followed by CRLF".into());
-        }
-        data.truncate(size);
-        Ok(if size == 0 { None } else { Some(data) })
+        read_chunk(&mut self.reader).map_err(|e| e.to_string())
     }
 
     /// Reads a whole response, framed as its head says (`head_request`: the reply to a
@@ -276,6 +262,70 @@ pub fn get_json(addr: SocketAddr, path: &str) -> Result<Value, String> {
     get(addr, path)?
         .try_json()
         .map_err(|e| format!("GET {path}: {e}"))
+}
+
+/// Why the next chunk of a chunked reply could not be read.
+#[derive(Debug)]
+pub enum ChunkError {
+    /// The connection ended (EOF or a reset) before the chunk was whole: a break its
+    /// client cannot miss.
+    Ended(String),
+    /// Nothing more came within the socket's read timeout: the reply neither went on
+    /// nor ended.
+    TimedOut,
+    /// Bytes that are not a chunk, or another read error.
+    Bad(String),
+}
+
+impl std::fmt::Display for ChunkError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ChunkError::Ended(how) => write!(f, "the reply ended: {how}"),
+            ChunkError::TimedOut => f.write_str("the reply neither went on nor ended in time"),
+            ChunkError::Bad(what) => f.write_str(what),
+        }
+    }
+}
+
+/// Reads the next chunk of a chunked body: its data, or `None` for the terminating
+/// chunk.
+pub fn read_chunk(reader: &mut impl BufRead) -> Result<Option<Vec<u8>>, ChunkError> {
+    let failed = |doing: &str, e: io::Error| match e.kind() {
+        io::ErrorKind::UnexpectedEof
+        | io::ErrorKind::ConnectionReset
+        | io::ErrorKind::ConnectionAborted
+        | io::ErrorKind::BrokenPipe => ChunkError::Ended(format!("{doing}: {e}")),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ChunkError::TimedOut,
+        _ => ChunkError::Bad(format!("{doing}: {e}")),
+    };
+    let mut line = Vec::new();
+    reader
+        .read_until(b'\n', &mut line)
+        .map_err(|e| failed("reading a chunk size", e))?;
+    if !line.ends_with(b"\n") {
+        return Err(ChunkError::Ended(format!(
+            "EOF after {:?} of a chunk size line",
+            String::from_utf8_lossy(&line)
+        )));
+    }
+    let size = std::str::from_utf8(&line)
+        .ok()
+        .and_then(|l| usize::from_str_radix(l.trim_end(), 16).ok())
+        .ok_or_else(|| {
+            ChunkError::Bad(format!(
+                "bad chunk size line {:?}",
+                String::from_utf8_lossy(&line)
+            ))
+        })?;
+    let mut data = vec![0; size + 2];
+    reader
+        .read_exact(&mut data)
+        .map_err(|e| failed("reading a chunk", e))?;
+    if !data.ends_with(b"\r\n") {
+        return Err(ChunkError::Bad("chunk not followed by CRLF".into()));
+    }
+    data.truncate(size);
+    Ok((size > 0).then_some(data))
 }
 
 #[cfg(test)]
