@@ -133,6 +133,7 @@ bench: build tools
 		    { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nginx >/dev/null; }; }; } || \
 		echo "nginx not installed and cannot be installed here: the benchmark skips it"
 	$(TARGET_DIR)/release/bench
+	$(CARGO) bench --locked -p vllm-router --bench decision
 
 ## Fuzz the request framing and the chunked decoder (fuzz/, cargo-fuzz), each target for
 ## FUZZ_SECONDS (default 60); not part of `make test`. Installs cargo-fuzz when missing.

@@ -10,6 +10,7 @@
 //! | `draining` | the signal handler, once                          | `/readyz`, workers               |
 //! | `clients`  | accept and connection threads, workers (see `client::registry`) | `/metrics`         |
 //! | `budget`   | workers, as they read and drop request bodies     | workers                          |
+//! | `sessions` | workers, after admission (`request::route`)       | workers, before admission        |
 //!
 //! The agents, ureq's HTTP clients (`backend::http`), live in the `table`: each backend's is
 //! made with its entry (at start, or when a reload adds the server) and goes with it.
@@ -23,6 +24,7 @@ use std::time::Instant;
 
 use parking_lot::RwLock;
 
+use crate::backend::affinity::Sessions;
 use crate::backend::http::AgentConfig;
 use crate::backend::registry::Table;
 use crate::client::budget::Budget;
@@ -39,6 +41,8 @@ pub struct Shared {
     pub clients: Arc<Clients>,
     /// The request bodies held in memory (`max_buffered_body_bytes`).
     pub budget: Arc<Budget>,
+    /// Where each session went (`routing = "cache_aware"`).
+    pub sessions: Sessions,
     pub started: Instant,
     draining: AtomicBool,
 }
@@ -48,7 +52,12 @@ impl Shared {
     pub fn new(config: Config, env_api_key: Option<Secret>) -> Result<Arc<Shared>, String> {
         let agents = AgentConfig::from_settings(&config.settings)?;
         let trusted = !config.settings.enable_active_health_check;
-        let table = Table::new(&config.servers, trusted, agents);
+        let table = Table::new(
+            &config.servers,
+            trusted,
+            agents,
+            config.settings.prefix_index_tokens,
+        );
         Ok(Arc::new(Shared {
             env_api_key,
             config: RwLock::new(Arc::new(config)),
@@ -56,6 +65,7 @@ impl Shared {
             metrics: Metrics::default(),
             clients: Clients::new(),
             budget: Budget::new(),
+            sessions: Sessions::default(),
             started: Instant::now(),
             draining: AtomicBool::new(false),
         }))

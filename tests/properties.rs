@@ -737,6 +737,28 @@ proptest! {
     }
 
     #[test]
+    fn reading_the_prompt_never_changes_the_verdict_on_a_body(
+        model in prop_oneof![json_leaf(), "\\PC{0,12}".prop_map(Value::String)],
+        fields in fields(),
+        messages in prop_oneof![
+            json_leaf(),
+            prop::collection::vec(
+                (json_leaf(), prop_oneof![json_leaf(), Just(json!([{"type": "text", "text": "hi"}]))])
+                    .prop_map(|(role, content)| json!({"role": role, "content": content})),
+                0..4,
+            ).prop_map(Value::Array),
+        ],
+        key in prop::sample::select(&["messages", "prompt", "input", "tools", "system"][..]),
+        route in prop::sample::select(&["/v1/chat/completions", "/v1/completions", "/v1/responses", "/v1/messages"][..]),
+    ) {
+        let mut fields = fields;
+        fields.insert(key.to_owned(), messages);
+        let body = body_with(Some(model), fields);
+        let with_prompt = relay::requested("POST", route, &body, true).map(|(model, _)| model);
+        prop_assert_eq!(with_prompt, relay::requested_model("POST", route, &body));
+    }
+
+    #[test]
     fn the_key_check_accepts_bearer_and_exactly_a_key(
         (keys, c) in prop::collection::vec("sk-[a-z0-9]{1,12}", 1..4).prop_flat_map(credentials),
     ) {

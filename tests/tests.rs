@@ -29,6 +29,8 @@ mod operations;
 mod properties;
 /// Relaying: method, path, query, headers, bodies and backend errors, unchanged.
 mod proxy;
+/// Cache-aware routing: prefixes, sessions, load, replicas (issue 15).
+mod routing;
 /// Streaming: events arrive one by one; disconnects reach the backend and free slots.
 mod streaming;
 /// HTTPS towards clients and backends (built with `--features tls`).

@@ -10,11 +10,12 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::backend::affinity::PrefixIndex;
 use crate::backend::http::BackendAgent;
 use crate::backend::registry::{BackendId, NOT_CHECKED};
 use crate::control::config::ServerConfig;
 use crate::request::auth::Secret;
-use crate::request::pick::Candidate;
+use crate::request::pick::{Candidate, Reason, Scored};
 use crate::request::queue::Want;
 
 /// One backend's entry in the slot table.
@@ -44,6 +45,10 @@ pub(super) struct Entry {
     /// Removed by a reload: takes no new requests, forgotten once its last slot is back.
     pub(super) removed: bool,
     admitted_total: u64,
+    /// The prompts it was sent lately (`backend::affinity`), shared with the slots.
+    pub(super) prefix: Arc<PrefixIndex>,
+    /// Requests admitted here under cache-aware routing, by `Reason` (in `Reason::ALL` order).
+    routed: [u64; 3],
 }
 
 /// The health thread's latest figures for one backend, for the status endpoints.
@@ -95,6 +100,13 @@ pub struct BackendView {
     /// The load admission counts: see `Entry::load`.
     pub load: u32,
     pub admitted_total: u64,
+    /// Prompt blocks its prefix index holds, and at most.
+    pub prefix_blocks: usize,
+    pub prefix_capacity: usize,
+    /// The most memory its prefix index can take, in bytes.
+    pub prefix_bound_bytes: usize,
+    /// Requests admitted under cache-aware routing, by reason (`Reason::ALL` order).
+    pub routed: [u64; 3],
 }
 
 impl Entry {
@@ -104,6 +116,7 @@ impl Entry {
         server: &ServerConfig,
         trusted: bool,
         agent: BackendAgent,
+        prefix: Arc<PrefixIndex>,
     ) -> Entry {
         Entry {
             id,
@@ -122,15 +135,22 @@ impl Entry {
             reported: None,
             removed: false,
             admitted_total: 0,
+            prefix,
+            routed: [0; 3],
         }
     }
 
     /// Counts a slot taken on this backend. With `give_back`, the only code that
     /// changes an in-flight count (the table's `take`, `dispatch` and `release` call
     /// them), hence the private field.
-    pub(super) fn admit(&mut self) {
+    pub(super) fn admit(&mut self, want: &Want) {
         self.in_flight += 1;
         self.admitted_total += 1;
+        if let Some(route) = &want.route {
+            let reason = route.reason(self.id);
+            let i = Reason::ALL.iter().position(|r| *r == reason).unwrap_or(0);
+            self.routed[i] += 1;
+        }
     }
 
     /// Counts a slot given back.
@@ -152,6 +172,18 @@ impl Entry {
         })
     }
 
+    /// How the cache-aware pick sees this backend for `want` at `now`: `None` without room.
+    pub(super) fn scored(&self, want: &Want, now: Instant) -> Option<Scored> {
+        let route = want.route.as_deref()?;
+        self.candidate(want, now).map(|c| Scored {
+            load: c.load,
+            max_concurrent: c.max_concurrent,
+            matched: route.matched_on(self.id),
+            sticky: route.is_sticky(self.id),
+            rank: route.rank(&self.url),
+        })
+    }
+
     pub(super) fn view(&self, now: Instant) -> BackendView {
         BackendView {
             id: self.id,
@@ -167,6 +199,10 @@ impl Entry {
             reported: self.reported.as_ref().map(|r| r.report.clone()),
             load: self.load(now),
             admitted_total: self.admitted_total,
+            prefix_blocks: self.prefix.len(),
+            prefix_capacity: self.prefix.capacity(),
+            prefix_bound_bytes: self.prefix.bound_bytes(),
+            routed: self.routed,
         }
     }
 

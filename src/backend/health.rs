@@ -644,6 +644,10 @@ mod tests {
             reported: None,
             load: 0,
             admitted_total: 0,
+            prefix_blocks: 0,
+            prefix_capacity: 0,
+            prefix_bound_bytes: 0,
+            routed: [0; 3],
         };
         let mut track = Track::default();
         assert!(!due(&track, &b, &s, now).check, "held off");

@@ -6,8 +6,10 @@
 //!   down and up.
 //! - `http`: the HTTP client towards the backends, one ureq agent per backend.
 
+pub mod affinity;
 pub mod entry;
 pub mod health;
 pub mod http;
+pub mod lru;
 pub mod probe;
 pub mod registry;

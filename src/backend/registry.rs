@@ -43,6 +43,7 @@ use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, MutexGuard};
 
+use crate::backend::affinity::{blocks_for, PrefixIndex};
 use crate::backend::entry::{model_id, Entry, ReportedLoad};
 pub use crate::backend::entry::{BackendView, CheckStats, Reported};
 use crate::backend::http::{AgentConfig, BackendAgent};
@@ -88,6 +89,8 @@ pub struct Slot {
     /// with the config snapshot the request took on arrival: a request queued before a
     /// reload may be admitted to a server that reload added.
     api_key: Option<Secret>,
+    /// The backend's prefix index, where the request's prompt is recorded.
+    prefix: Arc<PrefixIndex>,
     /// How long the request waited in the queue for this slot.
     pub queued_for: Duration,
 }
@@ -105,6 +108,11 @@ impl Slot {
     /// The key to send to the slot's backend instead of the client's, if it has one.
     pub fn api_key(&self) -> Option<&Secret> {
         self.api_key.as_ref()
+    }
+
+    /// The prefix index of the slot's backend.
+    pub fn prefix_index(&self) -> &PrefixIndex {
+        &self.prefix
     }
 
     pub fn backend_id(&self) -> BackendId {
@@ -150,8 +158,13 @@ impl Table {
     /// Builds the table from the configured servers. With active health checks on,
     /// a backend takes traffic only after its first good check; otherwise it is
     /// trusted until passive health says otherwise. Each backend gets an agent made
-    /// from `agents`.
-    pub fn new(servers: &[ServerConfig], trusted: bool, agents: AgentConfig) -> Arc<Table> {
+    /// from `agents`, and a prefix index of `prefix_tokens` tokens.
+    pub fn new(
+        servers: &[ServerConfig],
+        trusted: bool,
+        agents: AgentConfig,
+        prefix_tokens: u64,
+    ) -> Arc<Table> {
         let mut inner = Inner {
             entries: Vec::with_capacity(servers.len()),
             queue: Queue::default(),
@@ -160,7 +173,7 @@ impl Table {
             closed: false,
         };
         for server in servers {
-            inner.add_entry(server, trusted, agents.new_agent());
+            inner.add_entry(server, trusted, agents.new_agent(), prefix_tokens);
         }
         Arc::new(Table {
             inner: Mutex::new(inner),
@@ -173,8 +186,13 @@ impl Table {
     /// the agent's idle connections) and takes a new capacity at once; a new server
     /// joins like one at start-up (`trusted` as in `new`); a removed server takes no
     /// new requests, its in-flight requests finish, and its entry is forgotten with its
-    /// last slot.
-    pub fn apply_servers(&self, servers: &[ServerConfig], trusted: bool) -> ServerChanges {
+    /// last slot. A changed `prefix_tokens` gives every backend a new, empty index.
+    pub fn apply_servers(
+        &self,
+        servers: &[ServerConfig],
+        trusted: bool,
+        prefix_tokens: u64,
+    ) -> ServerChanges {
         let mut inner = self.inner.lock();
         let mut changes = ServerChanges::default();
         for e in inner.entries.iter_mut().filter(|e| !e.removed) {
@@ -196,6 +214,9 @@ impl Table {
                 Some(e) => {
                     // A changed key applies from the next slot taken.
                     e.api_key.clone_from(&server.api_key);
+                    if e.prefix.capacity() != blocks_for(prefix_tokens) {
+                        e.prefix = Arc::new(PrefixIndex::with_tokens(prefix_tokens));
+                    }
                     if e.max_concurrent != server.max_concurrent_requests {
                         changes.resized.push((
                             server.url.clone(),
@@ -206,7 +227,7 @@ impl Table {
                     }
                 }
                 None => {
-                    inner.add_entry(server, trusted, self.agents.new_agent());
+                    inner.add_entry(server, trusted, self.agents.new_agent(), prefix_tokens);
                     changes.added.push(server.url.clone());
                 }
             }
@@ -252,7 +273,7 @@ impl Table {
             return Err(inner.why_unusable(&want));
         }
         if let Some(idx) = inner.pick(&want, start) {
-            return Ok(self.take(&mut inner, idx, Duration::ZERO));
+            return Ok(self.take(&mut inner, idx, &want));
         }
         if inner.queue.len() >= limits.max_queue_size || limits.queue_timeout.is_zero() {
             return Err(Rejection::QueueFull {
@@ -264,19 +285,12 @@ impl Table {
         let rejection = match queue::wait(&mut inner, &place, deadline, wanted, |i| i.closed) {
             Waited::Granted(granted) => {
                 // `dispatch` already counted the slot and removed us from the queue.
-                let (url, agent, api_key) = inner
-                    .slot_parts(granted)
-                    // A granted slot keeps its entry alive (in_flight > 0), so this is
-                    // not reached.
-                    .unwrap_or_else(|| (Arc::from(""), self.agents.new_agent(), None));
-                return Ok(Slot {
-                    table: Arc::clone(self),
-                    id: granted,
-                    url,
-                    agent,
-                    api_key,
-                    queued_for: start.elapsed(),
-                });
+                // A granted slot keeps its entry alive (in_flight > 0), so this is
+                // always found.
+                if let Some(entry) = inner.entry(granted) {
+                    return Ok(Slot::on(self, entry, start.elapsed()));
+                }
+                Rejection::NoBackend
             }
             Waited::Closed => Rejection::Closed,
             Waited::Abandoned => Rejection::Abandoned,
@@ -340,6 +354,17 @@ impl Table {
             .lock()
             .live(id)
             .map(|e| (e.agent.clone(), e.api_key.clone()))
+    }
+
+    /// Each backend's prefix index (while it is not removed), for `request::route`.
+    pub fn prefix_indexes(&self) -> Vec<(BackendId, Arc<PrefixIndex>)> {
+        let inner = self.inner.lock();
+        inner
+            .entries
+            .iter()
+            .filter(|e| !e.removed)
+            .map(|e| (e.id, Arc::clone(&e.prefix)))
+            .collect()
     }
 
     /// This router's requests in flight on one backend.
@@ -495,20 +520,23 @@ impl Table {
         }
     }
 
-    fn take(
-        self: &Arc<Self>,
-        inner: &mut MutexGuard<'_, Inner>,
-        idx: usize,
-        queued_for: Duration,
-    ) -> Slot {
+    fn take(self: &Arc<Self>, inner: &mut MutexGuard<'_, Inner>, idx: usize, want: &Want) -> Slot {
         let entry = &mut inner.entries[idx];
-        entry.admit();
+        entry.admit(want);
+        Slot::on(self, entry, Duration::ZERO)
+    }
+}
+
+impl Slot {
+    /// A slot on `entry`, already counted by `Entry::admit`.
+    fn on(table: &Arc<Table>, entry: &Entry, queued_for: Duration) -> Slot {
         Slot {
-            table: Arc::clone(self),
+            table: Arc::clone(table),
             id: entry.id,
             url: Arc::clone(&entry.url),
             agent: entry.agent.clone(),
             api_key: entry.api_key.clone(),
+            prefix: Arc::clone(&entry.prefix),
             queued_for,
         }
     }
@@ -535,10 +563,17 @@ impl Inner {
         }
     }
 
-    /// The least-loaded backend with room for `want` at `now` (`request::pick`); moves
-    /// the rotation on every pick so equally loaded backends take turns.
+    /// The backend with room for `want` at `now` (`request::pick`): cache-aware when the
+    /// request has a route, else the least loaded, with the rotation moved on every pick
+    /// so equally loaded backends take turns.
     fn pick(&mut self, want: &Want, now: Instant) -> Option<usize> {
         let entries = &self.entries;
+        if let Some(route) = &want.route {
+            let blocks = u32::try_from(route.blocks.len()).unwrap_or(u32::MAX);
+            return pick::cache_aware(entries.len(), blocks, route.is_new_session(), |idx| {
+                entries[idx].scored(want, now)
+            });
+        }
         let best = pick::least_loaded(entries.len(), self.rotation, |idx| {
             entries[idx].candidate(want, now)
         });
@@ -563,16 +598,24 @@ impl Inner {
                 return Grant::Skip;
             };
             let entry = &mut self.entries[idx];
-            entry.admit();
+            entry.admit(want);
             Grant::To(entry.id)
         });
         self.queue = queue;
     }
 
-    fn add_entry(&mut self, server: &ServerConfig, trusted: bool, agent: BackendAgent) {
+    fn add_entry(
+        &mut self,
+        server: &ServerConfig,
+        trusted: bool,
+        agent: BackendAgent,
+        prefix_tokens: u64,
+    ) {
         let id = self.next_id;
         self.next_id += 1;
-        self.entries.push(Entry::new(id, server, trusted, agent));
+        let prefix = Arc::new(PrefixIndex::with_tokens(prefix_tokens));
+        self.entries
+            .push(Entry::new(id, server, trusted, agent, prefix));
     }
 
     fn entry_mut(&mut self, id: BackendId) -> Option<&mut Entry> {
@@ -587,12 +630,6 @@ impl Inner {
     /// Backend `id`'s entry while it is in the config.
     fn live(&self, id: BackendId) -> Option<&Entry> {
         self.entry(id).filter(|e| !e.removed)
-    }
-
-    /// The URL, agent and key a slot on backend `id` carries.
-    fn slot_parts(&self, id: BackendId) -> Option<(Arc<str>, BackendAgent, Option<Secret>)> {
-        self.entry(id)
-            .map(|e| (Arc::clone(&e.url), e.agent.clone(), e.api_key.clone()))
     }
 }
 
@@ -614,7 +651,7 @@ mod tests {
             .collect();
         let agents = AgentConfig::from_settings(&crate::control::config::Settings::default())
             .expect("agent config");
-        Table::new(&servers, true, agents)
+        Table::new(&servers, true, agents, 1 << 20)
     }
 
     fn limits(queue: usize, ms: u64) -> Limits {
@@ -773,7 +810,7 @@ mod tests {
                 api_key: None,
             },
         ];
-        let changes = t.apply_servers(&servers, true);
+        let changes = t.apply_servers(&servers, true, 1 << 20);
         assert_eq!(changes.added, ["http://new"]);
         assert_eq!(changes.removed, std::slice::from_ref(&held_url));
         // The removed server is hidden but its slot is still counted until released.
@@ -791,6 +828,7 @@ mod tests {
                 api_key: None,
             }],
             true,
+            1 << 20,
         );
         let again = t
             .view()

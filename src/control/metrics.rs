@@ -21,6 +21,7 @@ use parking_lot::Mutex;
 
 use crate::backend::registry::TableView;
 use crate::request::access::Access;
+use crate::request::pick::Reason;
 
 /// Why the router closes a client connection itself: refused at accept (over
 /// `max_client_connections` or `max_connections_per_ip`, no thread, no file
@@ -269,7 +270,7 @@ impl Metrics {
         );
 
         type Gauge = fn(&crate::backend::registry::BackendView) -> Option<f64>;
-        let gauges: [(&str, &str, Gauge); 7] = [
+        let gauges: [(&str, &str, Gauge); 8] = [
             (
                 "vllm_router_backend_in_flight",
                 "Requests this router has in flight on the backend.",
@@ -305,6 +306,11 @@ impl Metrics {
                 "KV-cache use the backend reported, 0 to 1.",
                 |b| b.reported.as_ref().and_then(|r| r.kv_cache_usage),
             ),
+            (
+                "vllm_router_backend_prefix_blocks",
+                "Prompt blocks the router's prefix index holds for the backend.",
+                |b| Some(b.prefix_blocks as f64),
+            ),
         ];
         for (name, help, value) in gauges {
             family(&mut out, name, "gauge", help);
@@ -312,6 +318,24 @@ impl Metrics {
                 if let Some(v) = value(b) {
                     sample(&mut out, name, &[("backend", &b.url)], v);
                 }
+            }
+        }
+
+        family(
+            &mut out,
+            "vllm_router_routing_decisions_total",
+            "counter",
+            "Requests cache-aware routing admitted, by backend and reason (prefix, session, load).",
+        );
+        for b in &table.backends {
+            for (reason, n) in Reason::ALL.iter().zip(b.routed) {
+                let labels = [("backend", b.url.as_str()), ("reason", reason.as_str())];
+                sample(
+                    &mut out,
+                    "vllm_router_routing_decisions_total",
+                    &labels,
+                    n as f64,
+                );
             }
         }
 

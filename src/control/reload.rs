@@ -114,7 +114,11 @@ impl Reloader {
     fn apply(&self, new: Config) {
         let old = self.shared.config();
         let trusted = !new.settings.enable_active_health_check;
-        let changes = self.shared.table.apply_servers(&new.servers, trusted);
+        let changes = self.shared.table.apply_servers(
+            &new.servers,
+            trusted,
+            new.settings.prefix_index_tokens,
+        );
         let settings = old.settings.changed_keys(&new.settings);
         let (a, b) = (&old.settings, &new.settings);
         if a.host != b.host || a.port != b.port {

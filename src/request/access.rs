@@ -31,7 +31,20 @@ pub struct Access {
     pub outcome: &'static str,
     /// Why the router answered without a backend, when it did (a metrics label).
     pub rejected: Option<&'static str>,
+    /// How cache-aware routing chose the backend, when it did.
+    pub route: Option<Routed>,
     started: Instant,
+}
+
+/// How cache-aware routing chose a request's backend.
+#[derive(Debug, Clone, Copy)]
+pub struct Routed {
+    /// `prefix`, `session` or `load` (`request::pick::Reason`).
+    pub reason: &'static str,
+    /// The request's leading prompt blocks that backend held.
+    pub matched_blocks: u32,
+    /// The request's prompt blocks in all.
+    pub prompt_blocks: usize,
 }
 
 impl Access {
@@ -52,6 +65,7 @@ impl Access {
             stream: false,
             outcome: "complete",
             rejected: None,
+            route: None,
             started: Instant::now(),
         }
     }
@@ -80,6 +94,9 @@ impl Access {
         // the structured log carries them as JSON fields.
         let model = self.model.as_deref().unwrap_or("-");
         let backend = self.backend.as_deref().unwrap_or("-");
+        let route = self.route.map_or("-", |r| r.reason);
+        let matched_blocks = self.route.map_or(-1, |r| i64::from(r.matched_blocks));
+        let prompt_blocks = self.route.map_or(-1, |r| r.prompt_blocks as i64);
         log::info!(
             target: crate::control::logging::ACCESS_TARGET,
             request_id = self.request_id.as_str(),
@@ -94,7 +111,10 @@ impl Access {
             duration_ms = duration,
             bytes_out = self.bytes_out,
             stream = self.stream,
-            outcome = self.outcome;
+            outcome = self.outcome,
+            route = route,
+            matched_blocks = matched_blocks,
+            prompt_blocks = prompt_blocks;
             "{} {} {}",
             self.method,
             self.path,

@@ -14,6 +14,7 @@ use crate::client::reply;
 use crate::client::request::Request;
 use crate::request::auth;
 use crate::request::error::RouterError;
+use crate::request::pick::Reason;
 use crate::shared::Shared;
 
 /// Answers the request if it is for one of the router's own paths; otherwise gives
@@ -128,6 +129,14 @@ fn server_json(b: &BackendView) -> serde_json::Value {
         "backend_waiting": b.reported.as_ref().map(|r| r.waiting),
         "backend_kv_cache_usage": b.reported.as_ref().and_then(|r| r.kv_cache_usage),
         "backend_metrics_at_unix": b.reported.as_ref().and_then(|r| unix(r.scraped_at)),
+        "prefix_blocks": b.prefix_blocks,
+        "prefix_capacity_blocks": b.prefix_capacity,
+        "prefix_index_max_bytes": b.prefix_bound_bytes,
+        "routed": Reason::ALL
+            .iter()
+            .zip(b.routed)
+            .map(|(reason, n)| (reason.as_str().to_owned(), json!(n)))
+            .collect::<serde_json::Map<_, _>>(),
     })
 }
 
@@ -202,6 +211,8 @@ fn load_stats(shared: &Shared) -> (u16, serde_json::Value) {
             "utilization_percent": percent(in_flight, capacity),
             "queue_length": queue_len,
             "max_queue_size": config.settings.max_queue_size,
+            "routing": config.settings.routing.name(),
+            "sessions": shared.sessions.len(),
         },
     });
     (200, doc)

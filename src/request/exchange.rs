@@ -19,6 +19,7 @@ use crate::control::config::Config;
 use crate::request::access::Access;
 use crate::request::error::RouterError;
 use crate::request::queue::{Limits, Want};
+use crate::request::route;
 use crate::shared::Shared;
 
 /// Connecting to a backend on the same network takes milliseconds; a backend that
@@ -102,6 +103,7 @@ impl Exchange<'_> {
     /// all are full, for as long as the client is there: a request whose client left
     /// is never sent, so no backend generates a reply nobody reads.
     fn admit(&self, want: Want) -> Result<Slot, RouterError> {
+        let route = want.route.clone();
         let settings = &self.config.settings;
         let limits = Limits {
             max_queue_size: settings.max_queue_size,
@@ -114,6 +116,9 @@ impl Exchange<'_> {
             .acquire_while(want, limits, || !ticket.client_left())?;
         if ticket.client_left() {
             return Err(RouterError::ClientClosed);
+        }
+        if let Some(route) = &route {
+            route::remember(self.shared, route, &slot);
         }
         Ok(slot)
     }

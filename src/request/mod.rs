@@ -17,5 +17,7 @@ pub mod exchange;
 pub mod headers;
 pub mod pick;
 pub mod pool;
+pub mod prefix;
 pub mod queue;
 pub mod relay;
+pub mod route;

@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 use parking_lot::{Condvar, MutexGuard};
 
 use crate::backend::registry::BackendId;
+use crate::request::route::Route;
 
 /// How often a waiting request asks whether it is still wanted (`Table::acquire_while`):
 /// the connection thread marks a client that left at once, so this bounds how long its
@@ -31,6 +32,8 @@ pub struct Want {
     pub model: Option<String>,
     /// Backends already tried for this request (retries go elsewhere).
     pub exclude: Vec<BackendId>,
+    /// With `routing = "cache_aware"`: what each backend holds of the request.
+    pub route: Option<Arc<Route>>,
 }
 
 /// The limits that apply to one admission; read from the config snapshot of the

@@ -23,12 +23,15 @@ use ureq::http;
 
 use crate::client::reply::{self, BodyWriter, Framing};
 use crate::client::request::{BodyLimits, Request};
+use crate::control::config::Routing;
 use crate::request::access::{self, Access};
 use crate::request::auth::{self, Verdict};
 use crate::request::error::RouterError;
 use crate::request::exchange::{is_backend_failure, Exchange};
 use crate::request::headers;
+use crate::request::prefix;
 use crate::request::queue::Want;
+use crate::request::route;
 use crate::shared::Shared;
 
 /// The size of one read from the backend, and so the largest chunk sent to the client.
@@ -101,8 +104,12 @@ fn proxy(request: &mut Request, shared: &Arc<Shared>, access: &mut Access) {
         Err(err) => return reject(request, &err, access),
     };
     let target = request.head.target.clone();
-    access.model = match requested_model(&method, &target, &body) {
-        Ok(model) => model,
+    let cache_aware = settings.routing == Routing::CacheAware;
+    let blocks = match requested(&method, &target, &body, cache_aware) {
+        Ok((model, blocks)) => {
+            access.model = model;
+            blocks
+        }
         Err(err) => return reject(request, &err, access),
     };
     let mut upstream = headers::upstream_headers(
@@ -124,14 +131,20 @@ fn proxy(request: &mut Request, shared: &Arc<Shared>, access: &mut Access) {
         headers: &upstream,
         body: &body,
     };
+    let route = cache_aware.then(|| {
+        let session = request.head.header(&settings.session_header);
+        route::plan(shared, blocks, session)
+    });
     let want = Want {
         model: access.model.clone(),
         exclude: Vec::new(),
+        route: route.clone(),
     };
     let (slot, response) = match exchange.forward(want, access) {
         Ok(sent) => sent,
         Err(err) => return reject(request, &err, access),
     };
+    access.route = route.as_ref().map(|r| r.routed(slot.backend_id()));
     access.backend = Some(slot.backend_url().to_owned());
     access.queue_wait = slot.queued_for;
     let end = relay_response(request, response, access);
@@ -181,6 +194,19 @@ pub fn requested_model(
     target: &str,
     body: &[u8],
 ) -> Result<Option<String>, RouterError> {
+    requested(method, target, body, false).map(|(model, _)| model)
+}
+
+/// `requested_model`, and with `prompt` the prompt's block hashes (`request::prefix`),
+/// read in the same parse: a long conversation is read once. The verdict on the body is
+/// the same either way: a body whose prompt cannot be read is read again for its model
+/// alone.
+pub fn requested(
+    method: &str,
+    target: &str,
+    body: &[u8],
+    prompt: bool,
+) -> Result<(Option<String>, Vec<u64>), RouterError> {
     #[derive(serde::Deserialize)]
     struct Probe {
         model: Option<serde_json::Value>,
@@ -199,15 +225,26 @@ pub fn requested_model(
                 "{path} takes a JSON object body"
             )))
         } else {
-            Ok(None)
+            Ok((None, Vec::new()))
         };
     }
-    match serde_json::from_slice::<Probe>(body).map(|p| p.model) {
-        Ok(Some(serde_json::Value::String(model))) => Ok(Some(model)),
+    let parsed = match prompt && method == "POST" && prefix::has_prompt(route) {
+        true => prefix::parse(route, body).ok(),
+        false => None,
+    };
+    let (model, blocks) = match parsed {
+        Some(p) => (Ok(p.model), p.blocks),
+        None => (
+            serde_json::from_slice::<Probe>(body).map(|p| p.model),
+            Vec::new(),
+        ),
+    };
+    match model {
+        Ok(Some(serde_json::Value::String(model))) => Ok((Some(model), blocks)),
         Err(e) if needs_json => Err(RouterError::BadRequest(format!(
             "the body is not valid JSON: {e}"
         ))),
-        Ok(Some(serde_json::Value::Null) | None) | Err(_) => Ok(None),
+        Ok(Some(serde_json::Value::Null) | None) | Err(_) => Ok((None, blocks)),
         Ok(Some(other)) => Err(RouterError::BadRequest(format!(
             "\"model\" must be a string, found {other}"
         ))),

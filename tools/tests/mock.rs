@@ -85,3 +85,62 @@ fn a_stream_arrives_in_chunks_and_a_closed_connection_is_unanswered() {
     let err = http::get(addr, "/mock/stats").expect_err("nobody listens");
     assert!(err.starts_with("connect"), "{err}");
 }
+
+#[test]
+fn the_prefix_cache_counts_in_vllms_counters_and_prefills_only_what_it_misses() {
+    let mut cmd = Command::new(MOCK);
+    cmd.args(["--host", "127.0.0.1", "--port", "0"])
+        .args([
+            "--prefix-cache-tokens",
+            "100000",
+            "--prefill-us-per-token",
+            "500",
+        ])
+        .stderr(Stdio::null());
+    let (_mock, addr) = process::spawn_listening(cmd, "mock-vllm").expect("mock starts");
+    // About 1000 tokens (four bytes each) of one system prompt.
+    let system = "a system prompt that stays the same. ".repeat(108);
+    let body = |question: &str| {
+        serde_json::json!({"model": "mock-model", "max_tokens": 1, "messages": [
+            {"role": "system", "content": system}, {"role": "user", "content": question}]})
+        .to_string()
+    };
+    let timed = |b: String| {
+        let started = std::time::Instant::now();
+        let resp = http::fetch(
+            addr,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            b.as_bytes(),
+            Duration::from_secs(30),
+        )
+        .expect("a reply");
+        assert_eq!(resp.status, 200, "{}", resp.text());
+        started.elapsed()
+    };
+    let cold = timed(body("first question"));
+    let warm = timed(body("second question"));
+    // The whole prompt's prefill, then only the part after the system prompt.
+    assert!(cold >= Duration::from_millis(500), "{cold:?}");
+    assert!(warm < cold / 2, "{warm:?} against {cold:?}");
+    let text = http::get(addr, "/metrics").expect("metrics").text();
+    let counter = |name: &str| -> f64 {
+        text.lines()
+            .find(|l| l.starts_with(&format!("{name}{{")))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or_else(|| panic!("{name} in\n{text}"))
+    };
+    assert!(
+        text.contains("# TYPE vllm:prefix_cache_queries counter"),
+        "{text}"
+    );
+    let (queries, hits) = (
+        counter("vllm:prefix_cache_queries_total"),
+        counter("vllm:prefix_cache_hits_total"),
+    );
+    assert!(queries >= 2000.0, "{text}");
+    // The second request found the system prompt, in whole blocks of 16 tokens.
+    assert!(hits >= 950.0 && hits < queries / 2.0, "{text}");
+    assert_eq!(hits % 16.0, 0.0);
+}

@@ -178,6 +178,31 @@ impl<'a> Val<'a> {
         }
     }
 
+    /// One of `names`, as its index.
+    pub(super) fn one_of(&self, names: &[&str]) -> Result<usize, Bad> {
+        let found = self
+            .value
+            .as_str()
+            .and_then(|v| names.iter().position(|n| *n == v));
+        let what = names
+            .iter()
+            .map(|n| format!("\"{n}\""))
+            .collect::<Vec<_>>()
+            .join(" or ");
+        found.map_or_else(|| self.wrong_type(&what), Ok)
+    }
+
+    /// An HTTP header name (an RFC 9110 token), lower-cased.
+    pub(super) fn header_name(&self) -> Result<String, Bad> {
+        let token = |b: u8| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b);
+        match self.value.as_str() {
+            Some(h) if !h.is_empty() && h.len() <= 128 && h.bytes().all(token) => {
+                Ok(h.to_ascii_lowercase())
+            }
+            _ => self.wrong_type("a header name such as \"X-Session-ID\""),
+        }
+    }
+
     pub(super) fn log_level(&self) -> Result<LevelFilter, Bad> {
         let what = "one of \"error\", \"warn\", \"info\", \"debug\", \"trace\"";
         let level = self.value.as_str().and_then(parse_log_level);

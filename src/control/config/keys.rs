@@ -12,6 +12,25 @@ use super::error::Bad;
 use super::Config;
 use crate::request::auth::Secret;
 
+/// `routing`: how a backend is chosen among the healthy ones with a free slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Routing {
+    /// The least loaded (load over capacity), ties in turn.
+    LeastLoaded,
+    /// By what each backend holds of the prompt, weighed against load, and by session
+    /// (`request::pick::cache_aware`).
+    CacheAware,
+}
+
+impl Routing {
+    const ALL: [Routing; 2] = [Routing::LeastLoaded, Routing::CacheAware];
+    const NAMES: &'static [&'static str] = &["least_loaded", "cache_aware"];
+
+    pub fn name(self) -> &'static str {
+        Self::NAMES[Self::ALL.iter().position(|r| *r == self).unwrap_or(0)]
+    }
+}
+
 /// The `[config]` table with defaults filled in. Durations come from seconds in the file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Settings {
@@ -58,6 +77,13 @@ pub struct Settings {
     /// How often each backend's `/metrics` is read for its own load; zero turns the
     /// backend-reported load off.
     pub backend_metrics_interval: Duration,
+    /// How a backend is chosen among those with room.
+    pub routing: Routing,
+    /// The request header that names a session (`cache_aware` keeps it on its backend).
+    pub session_header: String,
+    /// About how many tokens of prompts the router remembers per backend (its prefix
+    /// index, `backend::affinity`).
+    pub prefix_index_tokens: u64,
     /// Client API keys written in the file.
     pub api_keys: Vec<Secret>,
     /// A file of client API keys, one per line, as written (relative to the config file).
@@ -107,6 +133,9 @@ impl Default for Settings {
             client_body_timeout: Duration::from_secs(60),
             client_write_timeout: Duration::from_secs(60),
             backend_metrics_interval: Duration::from_secs(2),
+            routing: Routing::CacheAware,
+            session_header: "x-session-id".to_owned(),
+            prefix_index_tokens: 1 << 20,
             api_keys: Vec::new(),
             api_keys_file: None,
             file_api_keys: Vec::new(),
@@ -280,6 +309,15 @@ pub(super) const KEYS: &[Key] = &[
     Key { name: "backend_metrics_interval",
         set: |s, v| v.secs(ZERO_OK).map(|d| s.backend_metrics_interval = d),
         show: |s| secs(s.backend_metrics_interval) },
+    Key { name: "routing",
+        set: |s, v| v.one_of(Routing::NAMES).map(|i| s.routing = Routing::ALL[i]),
+        show: |s| s.routing.name().to_owned() },
+    Key { name: "session_header",
+        set: |s, v| v.header_name().map(|h| s.session_header = h),
+        show: |s| s.session_header.clone() },
+    Key { name: "prefix_index_tokens",
+        set: |s, v| v.int(1024, 1 << 36).map(|n| s.prefix_index_tokens = n),
+        show: |s| s.prefix_index_tokens.to_string() },
     Key { name: "api_keys",
         set: |s, v| v.secret_list().map(|keys| s.api_keys = keys),
         show: |s| format!("{} key(s)", s.api_keys.len()) },

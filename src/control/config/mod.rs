@@ -30,7 +30,7 @@ use crate::request::auth::Secret;
 
 pub use checks::{parse_log_level, valid_host};
 pub use error::ConfigError;
-pub use keys::{known_keys, Settings};
+pub use keys::{known_keys, Routing, Settings};
 pub use load::{from_bytes, load, read};
 pub use parse::parse;
 

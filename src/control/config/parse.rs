@@ -302,6 +302,24 @@ mod tests {
     }
 
     #[test]
+    fn routing_keys() {
+        let text = "routing = \"least_loaded\"\nsession_header = \"X-Conversation\"\nprefix_index_tokens = 4096";
+        let s = check_ok(&with_config(text)).settings;
+        assert_eq!(s.routing, crate::control::config::Routing::LeastLoaded);
+        assert_eq!(s.session_header, "x-conversation");
+        assert_eq!(s.prefix_index_tokens, 4096);
+        assert_eq!(Settings::default().routing.name(), "cache_aware");
+        check_err(
+            &with_config("routing = \"round_robin\""),
+            "servers.toml:4:11: routing must be \"least_loaded\" or \"cache_aware\", found string \"round_robin\"",
+        );
+        check_err(
+            &with_config("session_header = \"X Session\""),
+            "servers.toml:4:18: session_header must be a header name such as \"X-Session-ID\", found string \"X Session\"",
+        );
+    }
+
+    #[test]
     fn listen_and_logging_keys() {
         let text = "host = \"0.0.0.0\"\nport = 8888\nlog_level = \"DEBUG\"\nworker_threads = 8";
         let s = check_ok(&with_config(text)).settings;

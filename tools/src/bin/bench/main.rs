@@ -10,7 +10,9 @@
 //!    `sent_us` stamp to its arrival here, and time to first event;
 //! 3. the router's memory and threads, idle, during 1000 streams and after; binary size;
 //! 4. scale: request cost with 1, 8 and 64 backends, and the drain of a queue of 1000;
-//! 5. start-up: exec to `/readyz` 200.
+//! 5. start-up: exec to `/readyz` 200;
+//! 6. routing: `least_loaded` against `cache_aware` on fleets with prefix caches
+//!    (`routing.rs`; `bench routing` runs this part alone).
 //!
 //! The load generator is one thread on an epoll loop over non-blocking keep-alive
 //! sockets, with a minimal HTTP/1.1 response parser (Content-Length and chunked), so it
@@ -22,6 +24,7 @@ mod parse;
 mod print;
 mod procs;
 mod results;
+mod routing;
 mod watch;
 
 use load::*;
@@ -29,6 +32,7 @@ use parse::*;
 use print::*;
 use procs::*;
 use results::*;
+use routing::*;
 use watch::*;
 
 use std::collections::BTreeMap;
@@ -117,9 +121,15 @@ fn run() -> Result<Vec<String>, String> {
         machine,
         ..Report::default()
     };
+    if std::env::args().nth(1).as_deref() == Some("routing") {
+        report.routing = routing_part(&env)?;
+        print_routing(&report.routing);
+        return Ok(runs_with_errors(&report));
+    }
     front_parts(&env, &mut report)?;
     scale_parts(&env, &mut report)?;
     report.startup = startup_part(&env)?;
+    report.routing = routing_part(&env)?;
     report.binary_bytes = file_size(&env.bin_dir.join("vllm-router"));
     report.targets = check_targets(&report);
     report.machine.others_cpu_percent = ticks.others_percent(report.machine.nproc);
@@ -151,10 +161,22 @@ fn runs_with_errors(r: &Report) -> Vec<String> {
         .iter()
         .filter(|row| row.errors.total() > 0)
         .map(QueueRow::summary);
+    let routing = r
+        .routing
+        .rows
+        .iter()
+        .filter(|row| row.errors > 0)
+        .map(|row| {
+            format!(
+                "routing {} {} x{}: {} errors",
+                row.workload, row.routing, row.replicas, row.errors
+            )
+        });
     throughput
         .chain(streaming)
         .chain(scale)
         .chain(queue)
+        .chain(routing)
         .collect()
 }
 

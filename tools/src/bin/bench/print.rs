@@ -70,6 +70,7 @@ pub(crate) fn print_report(r: &Report) {
     print_memory(r);
     print_scale(r);
     print_startup(r);
+    print_routing(&r.routing);
     print_targets(r);
 }
 

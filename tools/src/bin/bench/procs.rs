@@ -27,8 +27,14 @@ impl Env {
     }
 
     pub(crate) fn mock(&self, name: &str) -> Result<Mock, String> {
+        self.mock_with(name, &[])
+    }
+
+    /// A mock with extra arguments.
+    pub(crate) fn mock_with(&self, name: &str, args: &[&str]) -> Result<Mock, String> {
         let mut cmd = Command::new(self.bin_dir.join("mock-vllm"));
-        cmd.args(["--host", "127.0.0.1", "--port", "0", "--id", name]);
+        cmd.args(["--host", "127.0.0.1", "--port", "0", "--id", name])
+            .args(args);
         let (proc, addr) = Proc::spawn_listening(cmd, name, &self.work)?;
         Ok(Mock { proc, addr })
     }

@@ -103,6 +103,7 @@ pub(crate) struct Report {
     pub(crate) startup: Vec<Startup>,
     pub(crate) binary_bytes: u64,
     pub(crate) targets: Vec<TargetCheck>,
+    pub(crate) routing: RoutingReport,
 }
 
 #[derive(Serialize, Default)]

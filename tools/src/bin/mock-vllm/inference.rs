@@ -37,6 +37,8 @@ pub(crate) struct Gen {
     pub(crate) created: u64,
     pub(crate) n: u64,
     pub(crate) delay: Duration,
+    /// The prefill of the prompt's uncached part, before the first token.
+    pub(crate) prefill: Duration,
 }
 
 impl Gen {
@@ -137,12 +139,13 @@ pub(crate) fn inference(c: &mut Conn, req: &Request, path: &str) -> io::Result<(
             .unwrap_or(st.cfg.tokens)
             .min(MAX_TOKENS),
         delay: Duration::from_millis(h.delay_ms),
+        prefill: st.prefix.prefill(chat, &body),
     };
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
         return stream(c, guard, &g);
     }
     // Like vLLM, a non-streamed generation stops when its client goes away.
-    if !generate_while_connected(&c.out, g.delay.saturating_mul(g.n as u32)) {
+    if !generate_while_connected(&c.out, g.prefill + g.delay.saturating_mul(g.n as u32)) {
         st.aborted.fetch_add(1, SeqCst);
         return Err(io::Error::new(
             io::ErrorKind::ConnectionAborted,
@@ -206,6 +209,7 @@ pub(crate) fn stream(c: &mut Conn, guard: InFlight, g: &Gen) -> io::Result<()> {
         "Cache-Control: no-cache\r\n",
     );
     c.out.write_all(&head).map_err(aborted)?;
+    thread::sleep(g.prefill);
     for i in 0..g.n {
         // Delay before each token: the head goes out at once, token i at about (i+1) * delay.
         thread::sleep(g.delay);

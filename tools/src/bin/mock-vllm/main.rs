@@ -10,6 +10,7 @@
 //! (`tags`), so a test can tell that a kind of request never got here.
 
 mod inference;
+mod prefix_cache;
 mod reply;
 mod server;
 mod wire;
@@ -54,6 +55,8 @@ USAGE: mock-vllm [OPTIONS]
   --model NAME         model to serve; repeat for several (default mock-model)
   --tokens N           tokens per reply without x-mock-tokens/max_tokens (default 16)
   --delay-ms N         delay before each generated token (default 0)
+  --prefix-cache-tokens N  tokens of prompts its prefix cache holds (default 0: none)
+  --prefill-us-per-token N prefill time per uncached prompt token, in us (default 0)
   --mode ok|fail|hang  initial mode (default ok)
   --fail-status N      status returned in fail mode (default 503)
   --id STRING          backend name put in replies (default mock-<port>)
@@ -81,6 +84,8 @@ struct Config {
     mode: u8,
     fail_status: u16,
     id: Option<String>,
+    prefix_cache_tokens: u64,
+    prefill_us_per_token: u64,
 }
 
 impl Default for Config {
@@ -94,11 +99,14 @@ impl Default for Config {
             mode: 0,
             fail_status: 503,
             id: None,
+            prefix_cache_tokens: 0,
+            prefill_us_per_token: 0,
         }
     }
 }
 
-const FLAGS: &str = "--host --port --model --tokens --delay-ms --mode --fail-status --id";
+const FLAGS: &str = "--host --port --model --tokens --delay-ms --mode --fail-status --id \
+    --prefix-cache-tokens --prefill-us-per-token";
 
 /// `Ok(None)` means `--help` was asked for.
 fn parse_args(args: &[String]) -> Result<Option<Config>, String> {
@@ -127,6 +135,8 @@ fn parse_args(args: &[String]) -> Result<Option<Config>, String> {
             "--model" => cfg.models.push(value.clone()),
             "--tokens" => cfg.tokens = num(MAX_TOKENS)?,
             "--delay-ms" => cfg.delay_ms = num(MAX_DELAY_MS)?,
+            "--prefix-cache-tokens" => cfg.prefix_cache_tokens = num(u64::MAX)?,
+            "--prefill-us-per-token" => cfg.prefill_us_per_token = num(1_000_000)?,
             "--mode" => cfg.mode = mode_of(&value).ok_or_else(bad)?,
             "--fail-status" => cfg.fail_status = parse_status(&value).ok_or_else(bad)?,
             _ => cfg.id = Some(value.clone()),
@@ -151,6 +161,7 @@ struct State {
     last: Mutex<Option<Value>>,
     /// Requests seen per `x-mock-tag` value.
     tags: Mutex<BTreeMap<String, u64>>,
+    prefix: prefix_cache::PrefixCache,
 }
 
 impl State {
@@ -270,10 +281,12 @@ fn main() {
         .clone()
         .unwrap_or_else(|| format!("mock-{}", addr.port()));
     let mode = AtomicU8::new(cfg.mode);
+    let prefix = prefix_cache::PrefixCache::new(cfg.prefix_cache_tokens, cfg.prefill_us_per_token);
     let st = Arc::new(State {
         cfg,
         id,
         mode,
+        prefix,
         ..State::default()
     });
     let mut out = io::stdout().lock();

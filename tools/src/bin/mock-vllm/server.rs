@@ -144,11 +144,28 @@ pub(crate) fn metrics(st: &State) -> Resp {
     for ((name, help), value) in GAUGES.iter().zip(values) {
         text += &format!("# HELP vllm:{name} {help}\n# TYPE vllm:{name} gauge\n");
         for m in &st.cfg.models {
-            let label = m
-                .replace('\\', r"\\")
-                .replace('"', "\\\"")
-                .replace('\n', r"\n");
-            text += &format!("vllm:{name}{{model_name=\"{label}\"}} {value}\n");
+            text += &format!("vllm:{name}{{model_name=\"{}\"}} {value}\n", label(m));
+        }
+    }
+    let (queries, hits) = st.prefix.counters();
+    let counters = [
+        (
+            "prefix_cache_queries",
+            "Prompt tokens looked up in the prefix cache.",
+            queries,
+        ),
+        (
+            "prefix_cache_hits",
+            "Prompt tokens found in the prefix cache.",
+            hits,
+        ),
+    ];
+    for (name, help, value) in counters {
+        text += &format!("# HELP vllm:{name} {help}\n# TYPE vllm:{name} counter\n");
+        for m in &st.cfg.models {
+            // Counted once for the process: the first model carries it.
+            let n = if *m == st.cfg.models[0] { value } else { 0 };
+            text += &format!("vllm:{name}_total{{model_name=\"{}\"}} {n}\n", label(m));
         }
     }
     let mut r = Resp::json(200, &Value::Null);
@@ -157,4 +174,11 @@ pub(crate) fn metrics(st: &State) -> Resp {
         text.into_bytes(),
     );
     r
+}
+
+/// A model name as a Prometheus label value.
+fn label(m: &str) -> String {
+    m.replace('\\', r"\\")
+        .replace('"', "\\\"")
+        .replace('\n', r"\n")
 }
