@@ -3,10 +3,13 @@
 //! its vLLM prefix cache), and `Sessions` (the backend each session last went to).
 //! Both are fixed-capacity LRUs (`backend::lru`), so their memory is bounded whatever
 //! the traffic; both have their own lock, never held with the table's, so recording
-//! a long prompt never holds up admission.
+//! a long prompt never holds up admission (the table reads an index's size figures, which
+//! sit outside its lock).
 //!
 //! Written by workers only, after a request was admitted (`request::route::remember`);
 //! read under the table lock by the pick, through the request's `Route`.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use parking_lot::Mutex;
 
@@ -19,15 +22,24 @@ use crate::request::prefix::BLOCK_BYTES;
 pub const MAX_SESSIONS: usize = 65_536;
 
 /// One backend's index: the block hashes of the prompts it was sent, most recent first.
+/// Its size figures are kept outside the lock, so that the status views, read under the
+/// table lock, never wait for a long prompt being recorded.
 pub struct PrefixIndex {
     blocks: Mutex<HashLru<()>>,
+    held: AtomicUsize,
+    capacity: usize,
+    bound_bytes: usize,
 }
 
 impl PrefixIndex {
     /// An index of about `tokens` tokens (blocks of `BLOCK_BYTES` bytes, about 32 tokens).
     pub fn with_tokens(tokens: u64) -> PrefixIndex {
+        let lru = HashLru::new(blocks_for(tokens));
         PrefixIndex {
-            blocks: Mutex::new(HashLru::new(blocks_for(tokens))),
+            held: AtomicUsize::new(0),
+            capacity: lru.capacity(),
+            bound_bytes: lru.bound_bytes(),
+            blocks: Mutex::new(lru),
         }
     }
 
@@ -55,11 +67,12 @@ impl PrefixIndex {
         for &block in blocks.iter().rev() {
             index.insert(block, ());
         }
+        self.held.store(index.len(), Ordering::Relaxed);
     }
 
     /// Blocks held now.
     pub fn len(&self) -> usize {
-        self.blocks.lock().len()
+        self.held.load(Ordering::Relaxed)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -68,12 +81,12 @@ impl PrefixIndex {
 
     /// Blocks held at most.
     pub fn capacity(&self) -> usize {
-        self.blocks.lock().capacity()
+        self.capacity
     }
 
     /// The most memory the index can take, in bytes.
     pub fn bound_bytes(&self) -> usize {
-        self.blocks.lock().bound_bytes()
+        self.bound_bytes
     }
 }
 

@@ -568,7 +568,9 @@ impl Inner {
     /// so equally loaded backends take turns.
     fn pick(&mut self, want: &Want, now: Instant) -> Option<usize> {
         let entries = &self.entries;
-        if let Some(route) = &want.route {
+        // A request with neither a prompt nor a session has nothing to be cache-aware
+        // about: it is spread as under least_loaded.
+        if let Some(route) = want.route.as_ref().filter(|r| r.rendezvous.is_some()) {
             let blocks = u32::try_from(route.blocks.len()).unwrap_or(u32::MAX);
             return pick::cache_aware(entries.len(), blocks, route.is_new_session(), |idx| {
                 entries[idx].scored(want, now)
