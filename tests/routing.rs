@@ -345,3 +345,48 @@ fn least_loaded_routing_ignores_prefixes_and_sessions() {
     assert_eq!(stats["summary"]["routing"], "least_loaded");
     assert_eq!(stats["servers"][0]["prefix_blocks"], 0);
 }
+
+#[test]
+fn a_reload_keeps_the_index_of_a_server_that_stays_and_a_new_size_empties_it() {
+    let mocks = cached_mocks(2, &[]);
+    let extra = Mock::start(&[]);
+    let config = |servers: &[&Mock], tokens: u64| {
+        let backends: Vec<(&str, u32)> = servers.iter().map(|m| (m.url.as_str(), 4)).collect();
+        servers_toml(
+            &backends,
+            &format!("health_check_interval = 1\nbackend_metrics_interval = 0\nprefix_index_tokens = {tokens}"),
+        )
+    };
+    let router = Router::start(&config(&[&mocks[0], &mocks[1]], 1 << 20));
+    router.wait_all_healthy();
+    let prompt = conversation(&text("kept across reloads", 3000), 1);
+    served_by(router.addr, &[], &prompt);
+    let blocks = |router: &Router| -> Vec<u64> {
+        router.get_json("/load-stats")["servers"]
+            .as_array()
+            .expect("servers")
+            .iter()
+            .map(|s| s["prefix_blocks"].as_u64().expect("blocks"))
+            .collect()
+    };
+    let before = blocks(&router);
+    assert!(before.iter().sum::<u64>() > 20, "{before:?}");
+    router.replace_config(&config(&[&mocks[0], &mocks[1], &extra], 1 << 20));
+    router.signal(libc::SIGHUP);
+    wait_until(SOON, "the third server", || blocks(&router).len() == 3);
+    assert_eq!(
+        blocks(&router)[..2],
+        before[..],
+        "kept for the servers that stayed"
+    );
+    router.replace_config(&config(&[&mocks[0], &mocks[1], &extra], 1 << 16));
+    router.signal(libc::SIGHUP);
+    wait_until(SOON, "emptied by the new size", || {
+        blocks(&router).iter().all(|&b| b == 0)
+    });
+    let stats = router.get_json("/load-stats");
+    assert_eq!(
+        stats["servers"][0]["prefix_capacity_blocks"],
+        (1u64 << 16) * 4 / 128
+    );
+}
