@@ -5,6 +5,9 @@
 //! - `health`: the health thread, active checks and the rules that turn a backend
 //!   down and up.
 //! - `http`: the HTTP client towards the backends, one ureq agent per backend.
+//! - `slot`: a slot taken on one backend, given back when it drops.
+//! - `affinity` (over `lru`): what cache-aware routing remembers of where prompts and
+//!   sessions went.
 
 pub mod affinity;
 pub mod entry;
@@ -13,3 +16,4 @@ pub mod http;
 pub mod lru;
 pub mod probe;
 pub mod registry;
+pub mod slot;

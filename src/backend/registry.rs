@@ -47,6 +47,7 @@ use crate::backend::affinity::{blocks_for, PrefixIndex};
 use crate::backend::entry::{model_id, Entry, ReportedLoad};
 pub use crate::backend::entry::{BackendView, CheckStats, Reported};
 use crate::backend::http::{AgentConfig, BackendAgent};
+pub use crate::backend::slot::Slot;
 use crate::control::config::ServerConfig;
 use crate::request::auth::Secret;
 use crate::request::pick;
@@ -75,61 +76,6 @@ struct Inner {
     rotation: usize,
     next_id: BackendId,
     closed: bool,
-}
-
-/// A taken slot on one backend. Dropping it gives the slot back.
-pub struct Slot {
-    table: Arc<Table>,
-    id: BackendId,
-    url: Arc<str>,
-    /// Kept by the slot so that a backend removed by a reload meanwhile keeps its
-    /// client until the request ends.
-    agent: BackendAgent,
-    /// The backend's `api_key` when the slot was taken. It travels with the slot, not
-    /// with the config snapshot the request took on arrival: a request queued before a
-    /// reload may be admitted to a server that reload added.
-    api_key: Option<Secret>,
-    /// The backend's prefix index, where the request's prompt is recorded.
-    prefix: Arc<PrefixIndex>,
-    /// How long the request waited in the queue for this slot.
-    pub queued_for: Duration,
-}
-
-impl Slot {
-    pub fn backend_url(&self) -> &str {
-        &self.url
-    }
-
-    /// The HTTP client of the slot's backend.
-    pub fn agent(&self) -> &BackendAgent {
-        &self.agent
-    }
-
-    /// The key to send to the slot's backend instead of the client's, if it has one.
-    pub fn api_key(&self) -> Option<&Secret> {
-        self.api_key.as_ref()
-    }
-
-    /// The prefix index of the slot's backend.
-    pub fn prefix_index(&self) -> &PrefixIndex {
-        &self.prefix
-    }
-
-    pub fn backend_id(&self) -> BackendId {
-        self.id
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.table.release(self.id);
-    }
-}
-
-impl std::fmt::Debug for Slot {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Slot").field("backend", &self.url).finish()
-    }
 }
 
 /// What `Table::apply_servers` changed, for the reload log line.
@@ -303,7 +249,7 @@ impl Table {
     }
 
     /// Gives a slot back and hands it to the first waiter that can use it.
-    fn release(&self, id: BackendId) {
+    pub(super) fn release(&self, id: BackendId) {
         let mut inner = self.inner.lock();
         if let Some(pos) = inner.entries.iter().position(|e| e.id == id) {
             let entry = &mut inner.entries[pos];
@@ -524,21 +470,6 @@ impl Table {
         let entry = &mut inner.entries[idx];
         entry.admit(want);
         Slot::on(self, entry, Duration::ZERO)
-    }
-}
-
-impl Slot {
-    /// A slot on `entry`, already counted by `Entry::admit`.
-    fn on(table: &Arc<Table>, entry: &Entry, queued_for: Duration) -> Slot {
-        Slot {
-            table: Arc::clone(table),
-            id: entry.id,
-            url: Arc::clone(&entry.url),
-            agent: entry.agent.clone(),
-            api_key: entry.api_key.clone(),
-            prefix: Arc::clone(&entry.prefix),
-            queued_for,
-        }
     }
 }
 
