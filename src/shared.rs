@@ -10,6 +10,8 @@
 //! | `draining` | the signal handler, once                          | `/readyz`, workers               |
 //! | `clients`  | accept and connection threads, workers (see `client::registry`) | `/metrics`         |
 //! | `budget`   | workers, as they read and drop request bodies     | workers                          |
+//! | `responses`| workers, after a create or a delete (`request::stored`) | workers                    |
+//! | `refresher`| workers, refreshing model lists on demand (`backend::refresh`) | workers             |
 //!
 //! The agents, ureq's HTTP clients (`backend::http`), live in the `table`: each backend's is
 //! made with its entry (at start, or when a reload adds the server) and goes with it.
@@ -24,12 +26,14 @@ use std::time::Instant;
 use parking_lot::RwLock;
 
 use crate::backend::http::AgentConfig;
+use crate::backend::refresh::Refresher;
 use crate::backend::registry::Table;
 use crate::client::budget::Budget;
 use crate::client::registry::Clients;
 use crate::control::config::Config;
 use crate::control::metrics::Metrics;
 use crate::request::auth::Secret;
+use crate::request::stored::Responses;
 
 pub struct Shared {
     config: RwLock<Arc<Config>>,
@@ -39,6 +43,10 @@ pub struct Shared {
     pub clients: Arc<Clients>,
     /// The request bodies held in memory (`max_buffered_body_bytes`).
     pub budget: Arc<Budget>,
+    /// Which backend made each stored response.
+    pub responses: Responses,
+    /// The times of the on-demand model refreshes.
+    pub refresher: Refresher,
     pub started: Instant,
     draining: AtomicBool,
 }
@@ -56,6 +64,8 @@ impl Shared {
             metrics: Metrics::default(),
             clients: Clients::new(),
             budget: Budget::new(),
+            responses: Responses::default(),
+            refresher: Refresher::default(),
             started: Instant::now(),
             draining: AtomicBool::new(false),
         }))

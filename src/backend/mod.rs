@@ -5,9 +5,11 @@
 //! - `health`: the health thread, active checks and the rules that turn a backend
 //!   down and up.
 //! - `http`: the HTTP client towards the backends, one ureq agent per backend.
+//! - `refresh`: reading the models lists again when a request names an unknown model.
 
 pub mod entry;
 pub mod health;
 pub mod http;
 pub mod probe;
+pub mod refresh;
 pub mod registry;
