@@ -118,8 +118,9 @@ impl Exchange<'_> {
         Ok(slot)
     }
 
-    /// Sends the request to the slot's backend and waits for its response head.
-    fn send(&self, slot: &Slot) -> Result<http::Response<ureq::Body>, SendFailure> {
+    /// The request's head towards the slot's backend: method, URL, the relayed
+    /// headers, and the backend's own key in place of the client's when it has one.
+    fn head_for(&self, slot: &Slot) -> http::request::Builder {
         let uri = format!("{}{}", slot.backend_url(), self.target);
         let mut builder = http::Request::builder().method(self.method).uri(&uri);
         let backend_key = slot.api_key();
@@ -131,6 +132,12 @@ impl Exchange<'_> {
         if let Some(key) = backend_key {
             builder = builder.header("Authorization", format!("Bearer {}", key.expose()));
         }
+        builder
+    }
+
+    /// Sends the request to the slot's backend and waits for its response head.
+    fn send(&self, slot: &Slot) -> Result<http::Response<ureq::Body>, SendFailure> {
+        let builder = self.head_for(slot);
         // A request the router cannot even build is the client's fault.
         let request = builder.body(self.body).map_err(|e| SendFailure {
             err: RouterError::BadRequest(format!("cannot forward this request: {e}")),
@@ -162,17 +169,7 @@ impl Exchange<'_> {
         body: &mut dyn std::io::Read,
         length: Option<u64>,
     ) -> Result<http::Response<ureq::Body>, SendFailure> {
-        let uri = format!("{}{}", slot.backend_url(), self.target);
-        let mut builder = http::Request::builder().method(self.method).uri(&uri);
-        let backend_key = slot.api_key();
-        for (name, value) in self.headers {
-            if backend_key.is_none() || !name.eq_ignore_ascii_case("authorization") {
-                builder = builder.header(name, value);
-            }
-        }
-        if let Some(key) = backend_key {
-            builder = builder.header("Authorization", format!("Bearer {}", key.expose()));
-        }
+        let mut builder = self.head_for(slot);
         if let Some(n) = length {
             builder = builder.header("Content-Length", n);
         }

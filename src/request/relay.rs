@@ -40,6 +40,9 @@ use crate::shared::Shared;
 /// one for its whole life, so the size counts at 1000 streams (4 MiB at 4 KiB).
 const READ_BUF: usize = 4 * 1024;
 
+/// What sees a relayed reply's body bytes as they go (`deliver`).
+pub(crate) type Tap<'a> = &'a mut dyn FnMut(&[u8]);
+
 /// How relaying a reply ended.
 enum End {
     Complete,
@@ -154,9 +157,9 @@ fn proxy(request: &mut Request, shared: &Arc<Shared>, access: &mut Access) {
         Err(err) => return reject(request, &err, access),
     };
     let path = request.head.path().to_owned();
-    let previous = (method == "POST")
-        .then(|| stored::previous_id(&body))
-        .flatten();
+    // Only a create can continue a stored response; other bodies are not parsed again.
+    let creates = method == "POST" && path.trim_end_matches('/') == "/v1/responses";
+    let previous = creates.then(|| stored::previous_id(&body)).flatten();
     let stored_use = stored::use_of(&method, &path, previous);
     learn_model(shared, &config, access.model.as_deref());
     let exchange = Exchange {
@@ -181,8 +184,9 @@ fn proxy(request: &mut Request, shared: &Arc<Shared>, access: &mut Access) {
         Err(err) => return reject(request, &err, access),
     };
     let ok = response.status().is_success();
-    let creates = ok && method == "POST" && path.trim_end_matches('/') == "/v1/responses";
-    let mut ids = creates.then(|| {
+    // A created response's id is learnt as soon as it goes by, so a cancel sent while
+    // its stream still runs finds it.
+    let mut ids = (ok && creates).then(|| {
         let stream = response
             .headers()
             .get("content-type")
@@ -190,33 +194,47 @@ fn proxy(request: &mut Request, shared: &Arc<Shared>, access: &mut Access) {
             .is_some_and(|ct| ct.starts_with("text/event-stream"));
         stored::IdScanner::new(stream)
     });
-    deliver(request, &exchange, &slot, response, access, ids.as_mut());
-    if let Some(id) = ids.as_ref().and_then(stored::IdScanner::id) {
-        let max = settings.stored_responses_max;
-        shared
-            .responses
-            .learn(id, slot.backend_id(), max, settings.stored_responses_ttl);
-    }
+    let owner = slot.backend_id();
+    let mut learnt = false;
+    let mut learn = |bytes: &[u8]| {
+        let Some(scanner) = ids.as_mut().filter(|_| !learnt) else {
+            return;
+        };
+        scanner.feed(bytes);
+        if let Some(id) = scanner.id() {
+            learnt = true;
+            let (max, ttl) = (settings.stored_responses_max, settings.stored_responses_ttl);
+            shared.responses.learn(id, owner, max, ttl);
+        }
+    };
+    deliver(
+        request,
+        &exchange,
+        &slot,
+        response,
+        access,
+        Some(&mut learn),
+    );
     if let (true, Some(stored::Use::Of { id, delete: true })) = (ok, &stored_use) {
         shared.responses.forget(id);
     }
 }
 
 /// Relays a backend's reply to the client and settles the request's outcome: passive
-/// health, and the access entry's `outcome`. `ids` sees the reply's bytes as they go,
-/// to learn a created response's id.
+/// health, and the access entry's `outcome`. `tap` sees the reply's bytes as they go
+/// (to learn a created response's id).
 pub(crate) fn deliver(
     request: &mut Request,
     exchange: &Exchange,
     slot: &Slot,
     response: http::Response<ureq::Body>,
     access: &mut Access,
-    ids: Option<&mut stored::IdScanner>,
+    tap: Option<Tap>,
 ) {
     let shared = exchange.shared;
     access.backend = Some(slot.backend_url().to_owned());
     access.queue_wait = slot.queued_for;
-    let end = relay_response(request, response, access, ids);
+    let end = relay_response(request, response, access, tap);
     access.outcome = match &end {
         End::Complete => {
             if !is_backend_failure(access.status) {
@@ -411,7 +429,7 @@ fn relay_response(
     request: &mut Request,
     response: http::Response<ureq::Body>,
     access: &mut Access,
-    mut ids: Option<&mut stored::IdScanner>,
+    mut tap: Option<Tap>,
 ) -> End {
     let status = response.status().as_u16();
     if (100..200).contains(&status) {
@@ -489,8 +507,8 @@ fn relay_response(
                 if let Some(events) = &mut events {
                     events.scan(&buf[..n]);
                 }
-                if let Some(ids) = ids.as_deref_mut() {
-                    ids.feed(&buf[..n]);
+                if let Some(tap) = tap.as_deref_mut() {
+                    tap(&buf[..n]);
                 }
                 if declared == Some(received) {
                     // The whole body is here: it goes out with the end of the reply in
