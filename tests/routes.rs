@@ -696,6 +696,54 @@ fn stored_responses_go_to_the_backend_that_made_them() {
 }
 
 #[test]
+fn a_streamed_response_can_be_cancelled_while_it_streams() {
+    let (a, b) = two_mocks(&["--delay-ms", "1500"]);
+    let router = router_for(&[&a, &b], "");
+    let mut stream = Conn::open(router.addr);
+    let body = r#"{"model":"shared","input":"long","stream":true}"#;
+    stream.send(
+        "POST",
+        "/v1/responses",
+        &[("Content-Type", "application/json")],
+        body.as_bytes(),
+        false,
+    );
+    let (status, _) = stream.read_head().expect("the stream's head");
+    assert_eq!(status, 200);
+    let created = stream
+        .read_chunk()
+        .expect("a chunk")
+        .expect("the created event");
+    let text = String::from_utf8_lossy(&created).into_owned();
+    let data = text
+        .lines()
+        .find_map(|l| l.strip_prefix("data: "))
+        .unwrap_or_else(|| panic!("no data line in {text:?}"));
+    let event: Value = serde_json::from_str(data).expect("JSON event");
+    let id = event["response"]["id"].as_str().expect("id").to_owned();
+    let owner = event["response"]["backend"]
+        .as_str()
+        .expect("backend")
+        .to_owned();
+    // The stream is still running (its next event is 1.5 s away): the cancel finds it.
+    let cancel = request(
+        router.addr,
+        "POST",
+        &format!("/v1/responses/{id}/cancel"),
+        &[("x-mock-tag", "cancel")],
+        b"",
+    );
+    assert_eq!(cancel.status, 200, "{}", cancel.text());
+    assert_eq!(cancel.json()["backend"], owner.as_str());
+    let other = if owner == "gpu-a" { &b } else { &a };
+    assert!(
+        other.stats()["tags"].get("cancel").is_none(),
+        "went straight to {owner}: {}",
+        other.stats()
+    );
+}
+
+#[test]
 fn an_unknown_response_id_is_asked_of_the_backends_in_turn_and_the_map_survives_a_reload() {
     let (a, b) = two_mocks(&[]);
     let router = router_for(&[&a, &b], "");

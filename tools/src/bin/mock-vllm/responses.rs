@@ -2,7 +2,8 @@
 //! them: `POST /v1/responses` creates one (JSON, or a stream of events opening with
 //! `response.created`), `GET /v1/responses/{id}` reads it, `DELETE` removes it, `POST
 //! /v1/responses/{id}/cancel` cancels it, and a create with `previous_response_id`
-//! continues one this server has (404 otherwise, as vLLM answers).
+//! continues one this server has (404 otherwise, as vLLM answers). A stream's events come
+//! `--delay-ms` apart.
 
 use crate::*;
 
@@ -70,7 +71,11 @@ pub(crate) fn create(c: &mut Conn, req: &Request) -> io::Result<()> {
                "output_index": 0, "content_index": 0, "delta": text, "logprobs": []}),
         json!({"type": "response.completed", "sequence_number": 2, "response": done}),
     ];
-    for ev in events {
+    for (i, ev) in events.into_iter().enumerate() {
+        if i > 0 {
+            // Generating takes time: `--delay-ms` between the events.
+            thread::sleep(Duration::from_millis(st.cfg.delay_ms));
+        }
         let kind = ev["type"].as_str().unwrap_or_default().to_owned();
         c.out
             .write_all(&sse_chunk(&format!("event: {kind}\ndata: {ev}\n\n")))?;
