@@ -210,3 +210,41 @@ fn stalled_handshakes_neither_stop_accepting_nor_stay_open() {
         }
     }
 }
+
+const WSS_SESSION: &str = r#"
+import json, ssl, sys
+from websockets.sync.client import connect
+ctx = ssl.create_default_context(cafile=sys.argv[2])
+with connect(sys.argv[1], ssl=ctx, open_timeout=10) as ws:
+    hello = json.loads(ws.recv(timeout=10))
+    # Many messages at once: several TLS records arrive in one read, which the tunnel
+    # must relay without waiting for more bytes on the socket.
+    sent = [json.dumps({"n": i, "pad": "x" * (i * 97 % 5000)}) for i in range(200)]
+    for m in sent:
+        ws.send(m)
+    got = [ws.recv(timeout=10) for _ in sent]
+print(json.dumps({"backend": hello["backend"], "echoed": got == sent}))
+"#;
+
+#[test]
+fn a_realtime_websocket_is_tunnelled_over_https() {
+    let dir = test_dir("tls-ws");
+    let (ca, cert, key) = make_certificates(&dir);
+    let mock = Mock::start(&["--id", "gpu-tls"]);
+    let router = https_router(&mock, &ca, &cert, &key);
+    let uri = format!("wss://127.0.0.1:{}/v1/realtime", router.addr.port());
+    let out = Command::new("python3")
+        .args(["-c", WSS_SESSION, &uri])
+        .arg(&ca)
+        .output()
+        .expect("python3 runs (pip install websockets; `make test` installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let result: serde_json::Value =
+        serde_json::from_slice(&out.stdout).expect("the script prints JSON");
+    assert_eq!(result["backend"], "gpu-tls", "{result}");
+    assert_eq!(result["echoed"], true, "{result}");
+}
