@@ -316,6 +316,48 @@ fn a_websocket_gets_a_1001_close_on_shutdown_and_after_its_idle_timeout() {
     );
 }
 
+const WS_BUSY_UNTIL_CLOSED: &str = r#"
+import json, sys, time
+from websockets.sync.client import connect
+from websockets.exceptions import ConnectionClosed
+with connect(sys.argv[1], open_timeout=10) as ws:
+    ws.recv(timeout=10)
+    start, sent = time.monotonic(), 0
+    try:
+        while time.monotonic() - start < 10:
+            ws.send("busy"); sent += 1
+            ws.recv(timeout=5)
+            time.sleep(0.1)
+    except ConnectionClosed:
+        pass
+    out = {"code": ws.close_code, "reason": ws.close_reason, "after_s": time.monotonic() - start, "sent": sent}
+print(json.dumps(out))
+"#;
+
+#[test]
+fn a_busy_websocket_is_closed_after_its_max_lifetime() {
+    let mock = Mock::start(&[]);
+    let router = router_for(
+        &[&mock],
+        "websocket_idle_timeout = 60\nwebsocket_max_lifetime = 1.5",
+    );
+    let out = python(
+        WS_BUSY_UNTIL_CLOSED,
+        &[&format!("ws://{}/v1/realtime", router.addr)],
+    );
+    assert_eq!(out["code"], 1001, "{out}");
+    assert_eq!(out["reason"], "max_lifetime", "{out}");
+    let after = out["after_s"].as_f64().expect("after_s");
+    assert!((1.0..6.0).contains(&after), "closed after {after}s: {out}");
+    assert!(
+        out["sent"].as_u64().expect("sent") >= 5,
+        "it was busy: {out}"
+    );
+    wait_until(Duration::from_secs(5), "the slot freed", || {
+        router.in_flight() == [0]
+    });
+}
+
 const WS_RTT: &str = r#"
 import json, sys, time
 from websockets.sync.client import connect
