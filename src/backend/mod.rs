@@ -5,6 +5,7 @@
 //! - `health`: the health thread, active checks and the rules that turn a backend
 //!   down and up.
 //! - `http`: the HTTP client towards the backends, one ureq agent per backend.
+//! - `socket`: a backend connection the router dials itself (WebSocket tunnels).
 //! - `refresh`: reading the models lists again when a request names an unknown model.
 
 pub mod entry;
@@ -13,3 +14,4 @@ pub mod http;
 pub mod probe;
 pub mod refresh;
 pub mod registry;
+pub mod socket;

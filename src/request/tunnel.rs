@@ -3,8 +3,8 @@
 //! without one, any backend), then the socket relayed both ways until either side
 //! closes.
 //!
-//! The handshake goes to the backend over a plain TCP connection of its own (ureq has
-//! no upgrades), with the client's headers as for any request (hop-by-hop ones
+//! The handshake goes to the backend over a connection of its own
+//! (`backend::socket`: TCP, or TLS to an https:// backend; ureq has no upgrades), with the client's headers as for any request (hop-by-hop ones
 //! dropped, the forwarding headers and the request id added, the client's key taken
 //! out and the backend's put in) plus `Upgrade` and `Connection`. A `101` from the
 //! backend goes to the client with its handshake headers (`Sec-WebSocket-Accept`,
@@ -22,11 +22,10 @@
 //! sides' own closes, then drops both connections.
 
 use std::io::{self, Read, Write};
-use std::net::{Shutdown, TcpStream, ToSocketAddrs};
-use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use crate::backend::registry::Slot;
+use crate::backend::socket::Socket;
 use crate::client::reply;
 use crate::client::request::Request;
 use crate::control::config::Config;
@@ -77,18 +76,16 @@ pub(crate) fn serve(
         backend: url.to_owned(),
         reason,
     };
-    let Some(rest) = url.strip_prefix("http://") else {
-        return Err(bad_gateway(
-            "WebSocket tunnels go to http:// backends only".to_owned(),
-        ));
-    };
-    let (authority, prefix) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-    let mut backend =
-        connect(authority).map_err(|e| bad_gateway(format!("cannot connect: {e}")))?;
-    let _ = backend.set_nodelay(true);
+    let (mut backend, authority, prefix) =
+        Socket::connect(url, settings, CONNECT_TIMEOUT).map_err(bad_gateway)?;
     backend
+        .tcp()
         .set_write_timeout(Some(settings.client_write_timeout))
-        .and_then(|()| backend.set_read_timeout(Some(settings.request_timeout)))
+        .and_then(|()| {
+            backend
+                .tcp()
+                .set_read_timeout(Some(settings.request_timeout))
+        })
         .map_err(|e| bad_gateway(e.to_string()))?;
     let mut out = format!(
         "GET {prefix}{} HTTP/1.1\r\nHost: {authority}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n",
@@ -107,6 +104,7 @@ pub(crate) fn serve(
     out.push_str("\r\n");
     backend
         .write_all(out.as_bytes())
+        .and_then(|()| backend.flush())
         .map_err(|e| bad_gateway(format!("cannot send the handshake: {e}")))?;
     let (status, reply_headers, leftover) = read_reply_head(&mut backend).map_err(|e| match e {
         Failure::Timeout => RouterError::GatewayTimeout {
@@ -137,7 +135,7 @@ pub(crate) fn serve(
     }
     reply::send_switching(request, &down_headers).map_err(|_| RouterError::ClientClosed)?;
     access.first_byte = Some(Instant::now());
-    let _ = backend.set_read_timeout(None);
+    let _ = backend.tcp().set_read_timeout(None);
     let end = relay(request, &mut backend, leftover, config, shared, access);
     access.outcome = match end {
         End::Closed => "complete",
@@ -146,17 +144,6 @@ pub(crate) fn serve(
         End::Router(why) => why,
     };
     Ok(())
-}
-
-fn connect(authority: &str) -> io::Result<TcpStream> {
-    let mut last = io::Error::new(io::ErrorKind::NotFound, "host not found");
-    for addr in authority.to_socket_addrs()? {
-        match TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT) {
-            Ok(tcp) => return Ok(tcp),
-            Err(e) => last = e,
-        }
-    }
-    Err(last)
 }
 
 /// A reply's status, its headers, and the bytes read past its head.
@@ -169,7 +156,7 @@ enum Failure {
 
 /// Reads the backend's reply head; returns its status, headers and the bytes read
 /// past it (the first frames, or a refusal's body).
-fn read_reply_head(backend: &mut TcpStream) -> Result<ReplyHead, Failure> {
+fn read_reply_head(backend: &mut Socket) -> Result<ReplyHead, Failure> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
     loop {
@@ -216,7 +203,7 @@ fn read_reply_head(backend: &mut TcpStream) -> Result<ReplyHead, Failure> {
 /// Relays a backend's refusal of the handshake (401, 404, ...) as its answer.
 fn relay_refusal(
     request: &mut Request,
-    backend: &mut TcpStream,
+    backend: &mut Socket,
     status: u16,
     headers: &[(String, String)],
     mut body: Vec<u8>,
@@ -264,7 +251,7 @@ impl Side {
 /// Relays frames both ways until the tunnel ends.
 fn relay(
     request: &mut Request,
-    backend: &mut TcpStream,
+    backend: &mut Socket,
     leftover: Vec<u8>,
     config: &Config,
     shared: &crate::shared::Shared,
@@ -278,7 +265,7 @@ fn relay(
     let mut closing: Option<(&'static str, Instant)> = None;
     let mut buf = vec![0u8; READ_BUF];
     let client_fd = request.connection().fd();
-    let backend_fd = backend.as_raw_fd();
+    let backend_fd = backend.fd();
     if !leftover.is_empty() {
         down.frames.feed(&leftover);
         if request.connection().write_all(&leftover).is_err() {
@@ -290,7 +277,11 @@ fn relay(
     let early = request.connection().buffered().to_vec();
     if !early.is_empty() {
         up.frames.feed(&early);
-        if backend.write_all(&early).is_err() {
+        if backend
+            .write_all(&early)
+            .and_then(|()| backend.flush())
+            .is_err()
+        {
             return End::BackendGone;
         }
         request.connection().consume(early.len());
@@ -324,7 +315,7 @@ fn relay(
                 up.closed_by_router = true;
                 let frame =
                     websocket::close_frame(websocket::GOING_AWAY, why, Some(websocket::mask_key()));
-                let _ = backend.write_all(&frame);
+                let _ = backend.write_all(&frame).and_then(|()| backend.flush());
             }
             if now >= until || (up.ended && down.ended) {
                 return End::Router(why);
@@ -344,8 +335,9 @@ fn relay(
             deadline = deadline.min(at + CLOSE_GRACE);
         }
         let wait = deadline.saturating_duration_since(now).min(TICK);
-        let (client_ready, backend_ready) = if request.connection().has_pending() {
-            (true, false)
+        let held = (request.connection().has_pending(), backend.has_pending());
+        let (client_ready, backend_ready) = if held.0 || held.1 {
+            held
         } else {
             match wait_readable(
                 (!up.ended).then_some(client_fd),
@@ -362,7 +354,7 @@ fn relay(
                 Ok(0) => {
                     up.ended = true;
                     client_ended_at = Some(Instant::now());
-                    let _ = backend.shutdown(Shutdown::Write);
+                    backend.shutdown_write();
                 }
                 Ok(_) => {
                     last_frame = Instant::now();
@@ -370,7 +362,11 @@ fn relay(
                     let n = bytes.len();
                     if !up.closed_by_router {
                         up.frames.feed(bytes);
-                        if backend.write_all(bytes).is_err() {
+                        if backend
+                            .write_all(bytes)
+                            .and_then(|()| backend.flush())
+                            .is_err()
+                        {
                             return End::BackendGone;
                         }
                     }
