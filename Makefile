@@ -41,14 +41,29 @@ define need
 		{ echo "$(1) is missing and cannot be installed here: install the Debian package $(2)" >&2; exit 1; }
 endef
 
+comma := ,
+# $(call need_py,MODULES,PIP-PACKAGES): pip-installs the packages when python3 cannot
+# import the modules, or stops saying what to install.
+define need_py
+@python3 -c 'import $(1)' >/dev/null 2>&1 || \
+		{ python3 -m pip install -q $(2) >/dev/null 2>&1 || \
+		  python3 -m pip install -q --break-system-packages $(2) >/dev/null 2>&1; } || \
+		{ echo "python3 cannot import $(1) and pip cannot install it here: pip install $(2)" >&2; exit 1; }
+endef
+
 ## The whole test suite: unit and integration tests against the real binaries, then
-## the HTTPS tests in a build with the `tls` feature. Two real tools are used, and
+## the HTTPS tests in a build with the `tls` feature. Real tools are used, and
 ## installed here when missing and root may, as .ci/run does: promtool (Debian package
 ## prometheus) checks the /metrics exposition, Node's llhttp (package nodejs) is the
-## reference parser of the differential test.
+## reference parser of the differential test, curl and the Python packages openai and
+## websockets (pip) are the clients of the routes tests (tests/routes.rs).
 test:
 	$(call need,promtool,prometheus)
 	$(call need,node,nodejs)
+	$(call need,curl,curl)
+	$(call need,python3,python3)
+	$(call need,pip3,python3-pip)
+	$(call need_py,openai$(comma) websockets,openai websockets)
 	$(CARGO) test --locked --workspace --all-targets
 	$(CARGO) test --locked -p vllm-router --features tls --test integration tls::
 

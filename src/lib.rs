@@ -9,7 +9,7 @@
 //! `shared` and `tls` stay at the top because every layer uses them: `Shared` is the
 //! state all threads hold, and `tls` serves both the listener (`client`) and the
 //! agents towards https:// backends (`backend`).
-#![deny(unsafe_code)] // the exceptions (client::budget, client::handoff, client::listener) say why where they allow it
+#![deny(unsafe_code)] // the exceptions (client::budget, client::handoff, client::listener, request::tunnel) say why where they allow it
 
 pub mod backend;
 pub mod client;

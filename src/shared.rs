@@ -11,6 +11,8 @@
 //! | `clients`  | accept and connection threads, workers (see `client::registry`) | `/metrics`         |
 //! | `budget`   | workers, as they read and drop request bodies     | workers                          |
 //! | `sessions` | workers, after admission (`request::route`)       | workers, before admission        |
+//! | `responses`| workers, after a create or a delete (`request::stored`) | workers                    |
+//! | `refresher`| workers, refreshing model lists on demand (`backend::refresh`) | workers             |
 //!
 //! The agents, ureq's HTTP clients (`backend::http`), live in the `table`: each backend's is
 //! made with its entry (at start, or when a reload adds the server) and goes with it.
@@ -26,12 +28,14 @@ use parking_lot::RwLock;
 
 use crate::backend::affinity::Sessions;
 use crate::backend::http::AgentConfig;
+use crate::backend::refresh::Refresher;
 use crate::backend::registry::Table;
 use crate::client::budget::Budget;
 use crate::client::registry::Clients;
 use crate::control::config::Config;
 use crate::control::metrics::Metrics;
 use crate::request::auth::Secret;
+use crate::request::stored::Responses;
 
 pub struct Shared {
     config: RwLock<Arc<Config>>,
@@ -43,6 +47,10 @@ pub struct Shared {
     pub budget: Arc<Budget>,
     /// Where each session went (`routing = "cache_aware"`).
     pub sessions: Sessions,
+    /// Which backend made each stored response.
+    pub responses: Responses,
+    /// The times of the on-demand model refreshes.
+    pub refresher: Refresher,
     pub started: Instant,
     draining: AtomicBool,
 }
@@ -66,6 +74,8 @@ impl Shared {
             clients: Clients::new(),
             budget: Budget::new(),
             sessions: Sessions::default(),
+            responses: Responses::default(),
+            refresher: Refresher::default(),
             started: Instant::now(),
             draining: AtomicBool::new(false),
         }))

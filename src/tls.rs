@@ -1,7 +1,7 @@
 //! TLS, in builds with the `tls` feature: the listener's certificate and key (rustls,
 //! on the sockets the router owns: the handshake runs on the connection's own
 //! thread, see `client::connection`), and the roots trusted for https:// backends
-//! (ureq with rustls). Both sides use one rustls crypto provider, aws-lc-rs. Without
+//! (ureq with rustls, and the WebSocket tunnels' own rustls client, `backend::socket`). Both sides use one rustls crypto provider, aws-lc-rs. Without
 //! the feature, `config` refuses the TLS keys, so these functions are never asked for
 //! TLS.
 
@@ -65,6 +65,44 @@ pub fn server_identity(settings: &Settings) -> Result<Option<Identity>, String> 
 #[cfg(not(feature = "tls"))]
 pub fn server_identity(_settings: &Settings) -> Result<Option<Identity>, String> {
     Ok(None)
+}
+
+/// The rustls client config of WebSocket tunnels to `https://` backends
+/// (`request::tunnel`), which dial their backend themselves: the same roots as the
+/// backend client's (`tls_ca_file`, else the public ones), HTTP/1.1 only.
+#[cfg(feature = "tls")]
+pub fn tunnel_client_config(
+    settings: &Settings,
+) -> Result<std::sync::Arc<rustls::ClientConfig>, String> {
+    use std::sync::Arc;
+
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::CertificateDer;
+
+    let mut roots = rustls::RootCertStore::empty();
+    match &settings.tls_ca_file {
+        Some(path) => {
+            let certs = CertificateDer::pem_file_iter(path)
+                .and_then(|certs| certs.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| format!("cannot read tls_ca_file {}: {e}", path.display()))?;
+            let (added, _) = roots.add_parsable_certificates(certs);
+            if added == 0 {
+                return Err(format!(
+                    "tls_ca_file {} holds no certificate",
+                    path.display()
+                ));
+            }
+        }
+        None => roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned()),
+    }
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
 }
 
 /// The TLS settings of the backend client: the certificates of `tls_ca_file` as the

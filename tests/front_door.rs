@@ -588,8 +588,9 @@ fn an_h2c_upgrade_is_ignored_and_never_forwarded() {
 fn a_websocket_upgrade_is_refused_and_the_connection_closed() {
     let rec = Recorder::start();
     let router = router_for(rec.url(), "");
+    // Only `/v1/realtime` is tunnelled (tests/routes.rs); anywhere else is refused.
     let raw = format!(
-        "GET /v1/realtime HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+        "GET /v1/chat/completions HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n{AFTER}"
     );
     let outcome = exchange(router.addr, raw.as_bytes());

@@ -29,6 +29,9 @@ mod operations;
 mod properties;
 /// Relaying: method, path, query, headers, bodies and backend errors, unchanged.
 mod proxy;
+/// The routes that are not JSON in, JSON out: WebSocket realtime, multipart uploads,
+/// stored responses, LoRA adapters, `?model=` (issue 16).
+mod routes;
 /// Cache-aware routing: prefixes, sessions, load, replicas (issue 15).
 mod routing;
 /// Streaming: events arrive one by one; disconnects reach the backend and free slots.

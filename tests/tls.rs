@@ -210,3 +210,56 @@ fn stalled_handshakes_neither_stop_accepting_nor_stay_open() {
         }
     }
 }
+
+const WSS_SESSION: &str = r#"
+import json, ssl, sys
+from websockets.sync.client import connect
+tls = {"ssl": ssl.create_default_context(cafile=sys.argv[2])} if sys.argv[1].startswith("wss:") else {}
+with connect(sys.argv[1], open_timeout=10, **tls) as ws:
+    hello = json.loads(ws.recv(timeout=10))
+    # Many messages at once: several TLS records arrive in one read, which the tunnel
+    # must relay without waiting for more bytes on the socket.
+    sent = [json.dumps({"n": i, "pad": "x" * (i * 97 % 5000)}) for i in range(200)]
+    for m in sent:
+        ws.send(m)
+    got = [ws.recv(timeout=10) for _ in sent]
+print(json.dumps({"backend": hello["backend"], "echoed": got == sent}))
+"#;
+
+/// Runs `WSS_SESSION` against `uri`: the backend that answered, and whether every
+/// message came back.
+fn websocket_session(uri: &str, ca: &Path) -> serde_json::Value {
+    let out = Command::new("python3")
+        .args(["-c", WSS_SESSION, uri])
+        .arg(ca)
+        .output()
+        .expect("python3 runs (pip install websockets; `make test` installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the script prints JSON")
+}
+
+#[test]
+fn a_realtime_websocket_is_tunnelled_over_https_on_both_sides() {
+    let dir = test_dir("tls-ws");
+    let (ca, cert, key) = make_certificates(&dir);
+    let mock = Mock::start(&["--id", "gpu-tls"]);
+    let inner = https_router(&mock, &ca, &cert, &key);
+    // HTTPS from the client.
+    let result = websocket_session(
+        &format!("wss://127.0.0.1:{}/v1/realtime", inner.addr.port()),
+        &ca,
+    );
+    assert_eq!(result["backend"], "gpu-tls", "{result}");
+    assert_eq!(result["echoed"], true, "{result}");
+    // HTTPS to the backend: a plain router in front of the HTTPS one.
+    let backend = format!("https://127.0.0.1:{}", inner.addr.port());
+    let trusted = format!("tls_ca_file = \"{}\"", ca.display());
+    let outer = Router::start(&servers_toml(&[(&backend, 4)], &trusted));
+    let result = websocket_session(&format!("ws://{}/v1/realtime", outer.addr), &ca);
+    assert_eq!(result["backend"], "gpu-tls", "{result}");
+    assert_eq!(result["echoed"], true, "{result}");
+}

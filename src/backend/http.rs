@@ -147,6 +147,23 @@ impl BackendAgent {
         }
     }
 
+    /// Sends a request whose body is a stream (`request::upload`) on a connection of
+    /// its own, never a pooled one: such a body cannot be sent a second time, so it
+    /// must not meet an idle connection the backend is closing just then.
+    pub fn send_fresh<S: AsSendBody>(
+        &self,
+        request: http::Request<S>,
+        configure: impl FnOnce(ConfigBuilder<HttpCrateScope<S>>) -> ConfigBuilder<HttpCrateScope<S>>,
+    ) -> Result<http::Response<ureq::Body>, ureq::Error> {
+        // One byte more of output buffer than the pool's connections have: ureq neither
+        // takes a pooled connection for it nor returns this one to the pool.
+        let fresh = self
+            .configure_request(request)
+            .output_buffer_size(OUTPUT_BUFFER + 1);
+        let request = configure(fresh).build();
+        Attempt::run(|| self.0.run(request)).0
+    }
+
     /// Sends `request`, configured by `configure`, and waits for its reply head. A
     /// request that failed on a connection reused from the pool before any byte of a
     /// reply came back is sent again, as a copy, once, at once, on a fresh

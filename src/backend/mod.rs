@@ -8,6 +8,8 @@
 //! - `slot`: a slot taken on one backend, given back when it drops.
 //! - `affinity` (over `lru`): what cache-aware routing remembers of where prompts and
 //!   sessions went.
+//! - `socket`: a backend connection the router dials itself (WebSocket tunnels).
+//! - `refresh`: reading the models lists again when a request names an unknown model.
 
 pub mod affinity;
 pub mod entry;
@@ -15,5 +17,7 @@ pub mod health;
 pub mod http;
 pub mod lru;
 pub mod probe;
+pub mod refresh;
 pub mod registry;
 pub mod slot;
+pub mod socket;

@@ -160,6 +160,23 @@ impl Connection {
         &self.buf[self.start..]
     }
 
+    /// Whether bytes already taken off the socket wait to be used: in the buffer, or
+    /// (TLS) decrypted and held by rustls. A `poll` on the socket would not tell of
+    /// them; the WebSocket tunnel (`request::tunnel`) asks before it waits.
+    pub fn has_pending(&mut self) -> bool {
+        if !self.buffered().is_empty() {
+            return true;
+        }
+        match &mut self.stream {
+            Stream::Plain(_) => false,
+            #[cfg(feature = "tls")]
+            Stream::Tls(tls) => tls
+                .conn
+                .process_new_packets()
+                .is_ok_and(|state| state.plaintext_bytes_to_read() > 0),
+        }
+    }
+
     /// Marks `n` buffered bytes as used.
     pub fn consume(&mut self, n: usize) {
         self.start += n;

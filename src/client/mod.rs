@@ -6,6 +6,7 @@
 //! - `request`: a request as a worker holds it, reading its body, and whether its
 //!   connection can carry another.
 //! - `reply`: writing replies, the only code that knows response framing.
+//! - `body_stream`: a request body read as it is sent on (multipart uploads).
 //! - `budget`: the memory all request bodies held at once may take.
 //! - `registry`: the open connections (caps in all and per address) and what a
 //!   connection's threads share; `handoff`: taking a connection back from its worker,
@@ -15,6 +16,7 @@
 //!   `thread`: a connection's own thread, reading heads and lending the connection to
 //!   a worker (`request::pool`) for each request.
 
+pub mod body_stream;
 pub mod budget;
 pub mod chunked;
 pub mod connection;

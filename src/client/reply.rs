@@ -232,6 +232,19 @@ pub fn send_head_error(connection: &mut Connection, err: &RouterError) -> io::Re
     connection.write_all(&out)
 }
 
+/// `HTTP/1.1 101 Switching Protocols` with the backend's handshake headers: after it
+/// the connection carries WebSocket frames (`request::tunnel`), never another request.
+pub fn send_switching(request: &mut Request, headers: &[(String, String)]) -> io::Result<()> {
+    let mut out = Vec::with_capacity(256);
+    out.extend_from_slice(b"HTTP/1.1 101 Switching Protocols\r\n");
+    write_fields(&mut out, headers);
+    out.extend_from_slice(b"\r\n");
+    request.reply_started(true);
+    request.connection().write_all(&out)?;
+    request.reply_finished();
+    Ok(())
+}
+
 /// `HTTP/1.1 100 Continue`, for a client that waits for it before sending its body.
 pub fn send_continue(connection: &mut Connection) -> io::Result<()> {
     connection.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -250,18 +263,7 @@ fn write_head(
         .and_then(|s| s.canonical_reason())
         .unwrap_or("Unknown");
     let _ = write!(out, "HTTP/1.1 {status} {reason}\r\n");
-    for (name, value) in headers {
-        // Values came through the router's head parser or ureq, which refuse CR and
-        // LF; check again because a header that splits here would inject a response.
-        if name
-            .bytes()
-            .chain(value.bytes())
-            .any(|b| b == b'\r' || b == b'\n')
-        {
-            continue;
-        }
-        let _ = write!(out, "{name}: {value}\r\n");
-    }
+    write_fields(out, headers);
     match framing {
         Framing::Chunked => out.extend_from_slice(b"Transfer-Encoding: chunked\r\n"),
         Framing::Length(n) => {
@@ -275,6 +277,22 @@ fn write_head(
         out.extend_from_slice(b"Connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
+}
+
+fn write_fields(out: &mut Vec<u8>, headers: &[(String, String)]) {
+    for (name, value) in headers {
+        // Values came through the router's head parser, httparse or ureq, which refuse
+        // CR and LF; check again because a header that splits here would inject a
+        // response.
+        if name
+            .bytes()
+            .chain(value.bytes())
+            .any(|b| b == b'\r' || b == b'\n')
+        {
+            continue;
+        }
+        let _ = write!(out, "{name}: {value}\r\n");
+    }
 }
 
 #[cfg(test)]

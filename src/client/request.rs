@@ -124,6 +124,16 @@ impl Request {
         self.reply_done = true;
     }
 
+    /// When the head was read: where the body's clock starts (`client::body_stream`).
+    pub(crate) fn received(&self) -> Instant {
+        self.received
+    }
+
+    /// The body was read whole by a stream (`client::body_stream`).
+    pub(crate) fn body_finished(&mut self) {
+        self.body_read = true;
+    }
+
     /// Reads the whole body within `limits`. A body over `max_bytes` is refused
     /// before it is read when its length is declared, and as soon as it passes the
     /// limit otherwise; one that ends early or breaks its framing is refused, never

@@ -95,7 +95,9 @@ fn serve_connection(tcp: TcpStream, peer: SocketAddr, conn: &Arc<Conn>, front: &
                 return refuse_head(connection, &err, shared);
             }
         };
-        if head.upgrade == Upgrade::WebSocket {
+        if head.upgrade == Upgrade::WebSocket
+            && !crate::request::tunnel::is_tunnelled(&head.method, head.path())
+        {
             return refuse_head(connection, &RouterError::UpgradeRefused, shared);
         }
         drop(config);

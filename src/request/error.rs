@@ -61,7 +61,7 @@ pub enum RouterError {
     VersionNotSupported(String),
     /// An `Expect` other than `100-continue`.
     ExpectationFailed(String),
-    /// A WebSocket upgrade, which the router does not proxy.
+    /// A WebSocket upgrade on a path other than `/v1/realtime`.
     UpgradeRefused,
     /// The request target is over the router's cap.
     UriTooLong,
@@ -291,7 +291,7 @@ impl fmt::Display for RouterError {
             }
             RouterError::UpgradeRefused => write!(
                 f,
-                "WebSocket upgrades are not proxied by this router; send plain HTTP requests"
+                "WebSocket upgrades are proxied on GET /v1/realtime only; send plain HTTP requests elsewhere"
             ),
             RouterError::MethodNotImplemented(method) => {
                 write!(f, "method {method:?} is not supported by the router")

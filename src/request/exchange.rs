@@ -102,7 +102,7 @@ impl Exchange<'_> {
     /// Takes a slot on the least-loaded backend that serves `want`, waiting in line if
     /// all are full, for as long as the client is there: a request whose client left
     /// is never sent, so no backend generates a reply nobody reads.
-    fn admit(&self, want: Want) -> Result<Slot, RouterError> {
+    pub(crate) fn admit(&self, want: Want) -> Result<Slot, RouterError> {
         let route = want.route.clone();
         let settings = &self.config.settings;
         let limits = Limits {
@@ -123,8 +123,9 @@ impl Exchange<'_> {
         Ok(slot)
     }
 
-    /// Sends the request to the slot's backend and waits for its response head.
-    fn send(&self, slot: &Slot) -> Result<http::Response<ureq::Body>, SendFailure> {
+    /// The request's head towards the slot's backend: method, URL, the relayed
+    /// headers, and the backend's own key in place of the client's when it has one.
+    fn head_for(&self, slot: &Slot) -> http::request::Builder {
         let uri = format!("{}{}", slot.backend_url(), self.target);
         let mut builder = http::Request::builder().method(self.method).uri(&uri);
         let backend_key = slot.api_key();
@@ -136,6 +137,12 @@ impl Exchange<'_> {
         if let Some(key) = backend_key {
             builder = builder.header("Authorization", format!("Bearer {}", key.expose()));
         }
+        builder
+    }
+
+    /// Sends the request to the slot's backend and waits for its response head.
+    fn send(&self, slot: &Slot) -> Result<http::Response<ureq::Body>, SendFailure> {
+        let builder = self.head_for(slot);
         // A request the router cannot even build is the client's fault.
         let request = builder.body(self.body).map_err(|e| SendFailure {
             err: RouterError::BadRequest(format!("cannot forward this request: {e}")),
@@ -155,6 +162,38 @@ impl Exchange<'_> {
         let may_retry = || !self.ticket.client_left();
         slot.agent()
             .send(request, configure, may_retry)
+            .map_err(|e| SendFailure::of(slot.backend_url(), e))
+    }
+
+    /// Sends the request with `body`, a stream read as it goes (`request::upload`),
+    /// instead of `self.body`, and waits for the reply head. Never resent by itself:
+    /// it goes on a fresh connection (`BackendAgent::send_fresh`).
+    pub(crate) fn send_streamed(
+        &self,
+        slot: &Slot,
+        body: &mut dyn std::io::Read,
+        length: Option<u64>,
+    ) -> Result<http::Response<ureq::Body>, SendFailure> {
+        let mut builder = self.head_for(slot);
+        if let Some(n) = length {
+            builder = builder.header("Content-Length", n);
+        }
+        let request = builder
+            .body(ureq::SendBody::from_reader(body))
+            .map_err(|e| SendFailure {
+                err: RouterError::BadRequest(format!("cannot forward this request: {e}")),
+                before_send: false,
+                backend_fault: false,
+            })?;
+        let timeout = self.config.settings.request_timeout;
+        slot.agent()
+            .send_fresh(request, |builder| {
+                builder
+                    .timeout_connect(Some(CONNECT_TIMEOUT.min(timeout)))
+                    .timeout_send_body(Some(self.config.settings.client_body_timeout + timeout))
+                    .timeout_recv_response(Some(timeout))
+                    .timeout_per_read(Some(timeout))
+            })
             .map_err(|e| SendFailure::of(slot.backend_url(), e))
     }
 
@@ -195,13 +234,13 @@ pub(crate) fn is_backend_failure(status: u16) -> bool {
 }
 
 /// A send that got no reply head.
-struct SendFailure {
-    err: RouterError,
+pub(crate) struct SendFailure {
+    pub(crate) err: RouterError,
     /// The request certainly never reached the backend, so sending it elsewhere
     /// cannot run it twice.
-    before_send: bool,
+    pub(crate) before_send: bool,
     /// It counts against the backend's health (passive health).
-    backend_fault: bool,
+    pub(crate) backend_fault: bool,
 }
 
 impl SendFailure {

@@ -21,8 +21,11 @@ use std::time::Instant;
 
 use ureq::http;
 
+use crate::backend::registry::Slot;
+use crate::client::head::Upgrade;
 use crate::client::reply::{self, BodyWriter, Framing};
 use crate::client::request::{BodyLimits, Request};
+use crate::control::config::Config;
 use crate::control::config::Routing;
 use crate::request::access::{self, Access};
 use crate::request::auth::{self, Verdict};
@@ -32,12 +35,16 @@ use crate::request::headers;
 use crate::request::prefix;
 use crate::request::queue::Want;
 use crate::request::route;
+use crate::request::{query, stored, tunnel, upload, websocket};
 use crate::shared::Shared;
 
 /// The size of one read from the backend, and so the largest chunk sent to the client.
 /// An SSE event is far smaller; a large JSON reply takes more reads. Each stream holds
 /// one for its whole life, so the size counts at 1000 streams (4 MiB at 4 KiB).
 const READ_BUF: usize = 4 * 1024;
+
+/// What sees a relayed reply's body bytes as they go (`deliver`).
+pub(crate) type Tap<'a> = &'a mut dyn FnMut(&[u8]);
 
 /// How relaying a reply ended.
 enum End {
@@ -87,12 +94,57 @@ fn proxy(request: &mut Request, shared: &Arc<Shared>, access: &mut Access) {
     if !headers::relayed_method(&method) {
         return reject(request, &RouterError::MethodNotImplemented(method), access);
     }
+    let websocket = request.head.upgrade == Upgrade::WebSocket;
+    // A browser's WebSocket cannot set `Authorization`: its key comes as a protocol.
+    let protocols = request.head.header("sec-websocket-protocol").unwrap_or("");
+    let (protocol_key, other_protocols) = websocket::split_key_protocol(protocols);
+    let bearer = protocol_key.map(|key| format!("Bearer {key}"));
     let verdict = auth::check(
-        request.head.header("authorization"),
+        request
+            .head
+            .header("authorization")
+            .or(bearer.as_deref().filter(|_| websocket)),
         shared.client_keys(&config),
     );
     if verdict == Verdict::Refused {
         return reject(request, &RouterError::Unauthorized, access);
+    }
+    let mut upstream = headers::upstream_headers(
+        &request.head.headers,
+        request.peer().ip(),
+        request.is_secure(),
+    );
+    if verdict == Verdict::Granted {
+        // The client's key is for the router; it never reaches a backend.
+        upstream.retain(|(name, _)| !name.eq_ignore_ascii_case("authorization"));
+        if websocket && protocol_key.is_some() {
+            upstream.retain(|(name, _)| !name.eq_ignore_ascii_case("sec-websocket-protocol"));
+            if !other_protocols.is_empty() {
+                upstream.push((
+                    "Sec-WebSocket-Protocol".to_owned(),
+                    other_protocols.join(", "),
+                ));
+            }
+        }
+    }
+    access.tag(&mut upstream);
+    let target = request.head.target.clone();
+    if websocket {
+        if request.head.has_body() {
+            let err = RouterError::BadRequest("a WebSocket upgrade has no body".to_owned());
+            return reject(request, &err, access);
+        }
+        access.model = query::param(&target, "model");
+        if let Err(err) = open_tunnel(request, shared, &config, &upstream, access) {
+            reject(request, &err, access);
+        }
+        return;
+    }
+    if let Some(boundary) = upload::boundary(&request.head) {
+        if let Err(err) = upload::serve(request, shared, &config, &upstream, &boundary, access) {
+            reject(request, &err, access);
+        }
+        return;
     }
     let limits = BodyLimits {
         max_bytes: settings.max_body_bytes,
@@ -103,25 +155,20 @@ fn proxy(request: &mut Request, shared: &Arc<Shared>, access: &mut Access) {
         Ok(body) => body,
         Err(err) => return reject(request, &err, access),
     };
-    let target = request.head.target.clone();
     let cache_aware = settings.routing == Routing::CacheAware;
     let blocks = match requested(&method, &target, &body, cache_aware) {
         Ok((model, blocks)) => {
-            access.model = model;
+            access.model = model.or_else(|| query::param(&target, "model"));
             blocks
         }
         Err(err) => return reject(request, &err, access),
     };
-    let mut upstream = headers::upstream_headers(
-        &request.head.headers,
-        request.peer().ip(),
-        request.is_secure(),
-    );
-    if verdict == Verdict::Granted {
-        // The client's key is for the router; it never reaches a backend.
-        upstream.retain(|(name, _)| !name.eq_ignore_ascii_case("authorization"));
-    }
-    access.tag(&mut upstream);
+    let path = request.head.path().to_owned();
+    // Only a create can continue a stored response; other bodies are not parsed again.
+    let creates = method == "POST" && path.trim_end_matches('/') == "/v1/responses";
+    let previous = creates.then(|| stored::previous_id(&body)).flatten();
+    let stored_use = stored::use_of(&method, &path, previous);
+    learn_model(shared, &config, access.model.as_deref());
     let exchange = Exchange {
         shared,
         config: &config,
@@ -140,14 +187,67 @@ fn proxy(request: &mut Request, shared: &Arc<Shared>, access: &mut Access) {
         exclude: Vec::new(),
         route: route.clone(),
     };
-    let (slot, response) = match exchange.forward(want, access) {
+    let forwarded = match &stored_use {
+        Some(stored::Use::Of { id, .. }) => forward_stored(&exchange, id, want, access),
+        _ => exchange.forward(want, access),
+    };
+    let (slot, response) = match forwarded {
         Ok(sent) => sent,
         Err(err) => return reject(request, &err, access),
     };
     access.route = route.as_ref().map(|r| r.routed(slot.backend_id()));
+    let ok = response.status().is_success();
+    // A created response's id is learnt as soon as it goes by, so a cancel sent while
+    // its stream still runs finds it.
+    let mut ids = (ok && creates).then(|| {
+        let stream = response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.starts_with("text/event-stream"));
+        stored::IdScanner::new(stream)
+    });
+    let owner = slot.backend_id();
+    let mut learnt = false;
+    let mut learn = |bytes: &[u8]| {
+        let Some(scanner) = ids.as_mut().filter(|_| !learnt) else {
+            return;
+        };
+        scanner.feed(bytes);
+        if let Some(id) = scanner.id() {
+            learnt = true;
+            let (max, ttl) = (settings.stored_responses_max, settings.stored_responses_ttl);
+            shared.responses.learn(id, owner, max, ttl);
+        }
+    };
+    deliver(
+        request,
+        &exchange,
+        &slot,
+        response,
+        access,
+        Some(&mut learn),
+    );
+    if let (true, Some(stored::Use::Of { id, delete: true })) = (ok, &stored_use) {
+        shared.responses.forget(id);
+    }
+}
+
+/// Relays a backend's reply to the client and settles the request's outcome: passive
+/// health, and the access entry's `outcome`. `tap` sees the reply's bytes as they go
+/// (to learn a created response's id).
+pub(crate) fn deliver(
+    request: &mut Request,
+    exchange: &Exchange,
+    slot: &Slot,
+    response: http::Response<ureq::Body>,
+    access: &mut Access,
+    tap: Option<Tap>,
+) {
+    let shared = exchange.shared;
     access.backend = Some(slot.backend_url().to_owned());
     access.queue_wait = slot.queued_for;
-    let end = relay_response(request, response, access);
+    let end = relay_response(request, response, access, tap);
     access.outcome = match &end {
         End::Complete => {
             if !is_backend_failure(access.status) {
@@ -161,10 +261,94 @@ fn proxy(request: &mut Request, shared: &Arc<Shared>, access: &mut Access) {
         // The client left and its connection thread stopped the backend connection: not the backend's fault.
         End::BackendBroke(_) if exchange.ticket.client_left() => "client_gone",
         End::BackendBroke(why) => {
-            exchange.record_failure(&slot, why);
+            exchange.record_failure(slot, why);
             "backend_broke"
         }
     };
+}
+
+/// A request for a model no backend lists has the model lists read again first
+/// (`backend::refresh`), for up to `model_refresh_wait`: a LoRA adapter loaded a
+/// moment ago is then routed, not refused.
+pub(crate) fn learn_model(shared: &Shared, config: &Config, model: Option<&str>) {
+    let Some(model) = model else { return };
+    let settings = &config.settings;
+    if settings.model_refresh_wait.is_zero() || shared.table.is_known_model(model) {
+        return;
+    }
+    shared.refresher.learn(
+        &shared.table,
+        model,
+        settings.model_refresh_wait,
+        settings.health_check_timeout,
+    );
+}
+
+/// Sends a request about stored response `id` where it lives: to the backend that made
+/// it, if the router knows it; otherwise to each healthy backend in turn until one
+/// answers other than 404 (the last 404 is the answer when none knows it).
+fn forward_stored(
+    exchange: &Exchange,
+    id: &str,
+    mut want: Want,
+    access: &mut Access,
+) -> Result<(Slot, http::Response<ureq::Body>), RouterError> {
+    let shared = exchange.shared;
+    let ttl = exchange.config.settings.stored_responses_ttl;
+    if let Some(owner) = shared.responses.backend_of(id, ttl) {
+        let others: Vec<_> = shared.table.view().backends.iter().map(|b| b.id).collect();
+        if others.contains(&owner) {
+            want.exclude = others.into_iter().filter(|b| *b != owner).collect();
+            return exchange.forward(want, access);
+        }
+        // Its backend left the config: whoever has it now must be asked.
+        shared.responses.forget(id);
+    }
+    loop {
+        let (slot, response) = exchange.forward(want.clone(), access)?;
+        want.exclude.push(slot.backend_id());
+        if response.status().as_u16() != 404 || !shared.table.can_serve(&want) {
+            if response.status().is_success() {
+                let max = exchange.config.settings.stored_responses_max;
+                shared.responses.learn(id, slot.backend_id(), max, ttl);
+            }
+            return Ok((slot, response));
+        }
+        log::debug!(
+            "response {id:?} is not on {}; asking the next backend",
+            slot.backend_url()
+        );
+    }
+}
+
+/// Admits a WebSocket upgrade like any request, then runs its tunnel.
+fn open_tunnel(
+    request: &mut Request,
+    shared: &Arc<Shared>,
+    config: &Config,
+    upstream: &[(String, String)],
+    access: &mut Access,
+) -> Result<(), RouterError> {
+    learn_model(shared, config, access.model.as_deref());
+    let method = request.head.method.clone();
+    let target = request.head.target.clone();
+    let exchange = Exchange {
+        shared,
+        config,
+        ticket: request.ticket().clone(),
+        method: &method,
+        target: &target,
+        headers: upstream,
+        body: &[],
+    };
+    let slot = exchange.admit(Want {
+        model: access.model.clone(),
+        exclude: Vec::new(),
+        route: None,
+    })?;
+    access.backend = Some(slot.backend_url().to_owned());
+    access.queue_wait = slot.queued_for;
+    tunnel::serve(request, config, shared, &slot, upstream, access)
 }
 
 /// Routes whose POST body is a JSON object that may name the `model`.
@@ -283,6 +467,7 @@ fn relay_response(
     request: &mut Request,
     response: http::Response<ureq::Body>,
     access: &mut Access,
+    mut tap: Option<Tap>,
 ) -> End {
     let status = response.status().as_u16();
     if (100..200).contains(&status) {
@@ -359,6 +544,9 @@ fn relay_response(
                 received += n as u64;
                 if let Some(events) = &mut events {
                     events.scan(&buf[..n]);
+                }
+                if let Some(tap) = tap.as_deref_mut() {
+                    tap(&buf[..n]);
                 }
                 if declared == Some(received) {
                     // The whole body is here: it goes out with the end of the reply in

@@ -84,6 +84,19 @@ pub struct Settings {
     /// About how many tokens of prompts the router remembers per backend (its prefix
     /// index, `backend::affinity`).
     pub prefix_index_tokens: u64,
+    /// How long a request for a model no backend lists waits for the backends' model
+    /// lists to be read again (`backend::refresh`) before it is refused; zero refuses
+    /// at once.
+    pub model_refresh_wait: Duration,
+    /// Response ids remembered with the backend that made them (`request::stored`);
+    /// zero remembers none (every stored-response request asks the backends in turn).
+    pub stored_responses_max: usize,
+    /// How long a response id is remembered.
+    pub stored_responses_ttl: Duration,
+    /// A WebSocket with no frame either way for this long is closed (1001).
+    pub websocket_idle_timeout: Duration,
+    /// A WebSocket open this long is closed (1001), however busy.
+    pub websocket_max_lifetime: Duration,
     /// Client API keys written in the file.
     pub api_keys: Vec<Secret>,
     /// A file of client API keys, one per line, as written (relative to the config file).
@@ -136,6 +149,11 @@ impl Default for Settings {
             routing: Routing::CacheAware,
             session_header: "x-session-id".to_owned(),
             prefix_index_tokens: 1 << 20,
+            model_refresh_wait: Duration::from_secs(2),
+            stored_responses_max: 100_000,
+            stored_responses_ttl: Duration::from_secs(24 * 3600),
+            websocket_idle_timeout: Duration::from_secs(300),
+            websocket_max_lifetime: Duration::from_secs(3600),
             api_keys: Vec::new(),
             api_keys_file: None,
             file_api_keys: Vec::new(),
@@ -318,6 +336,21 @@ pub(super) const KEYS: &[Key] = &[
     Key { name: "prefix_index_tokens",
         set: |s, v| v.int(1024, 1 << 36).map(|n| s.prefix_index_tokens = n),
         show: |s| s.prefix_index_tokens.to_string() },
+    Key { name: "model_refresh_wait",
+        set: |s, v| v.secs(ZERO_OK).map(|d| s.model_refresh_wait = d),
+        show: |s| secs(s.model_refresh_wait) },
+    Key { name: "stored_responses_max",
+        set: |s, v| v.int(0, 100_000_000).map(|n| s.stored_responses_max = n as usize),
+        show: |s| s.stored_responses_max.to_string() },
+    Key { name: "stored_responses_ttl",
+        set: |s, v| v.secs(POSITIVE).map(|d| s.stored_responses_ttl = d),
+        show: |s| secs(s.stored_responses_ttl) },
+    Key { name: "websocket_idle_timeout",
+        set: |s, v| v.secs(POSITIVE).map(|d| s.websocket_idle_timeout = d),
+        show: |s| secs(s.websocket_idle_timeout) },
+    Key { name: "websocket_max_lifetime",
+        set: |s, v| v.secs(POSITIVE).map(|d| s.websocket_max_lifetime = d),
+        show: |s| secs(s.websocket_max_lifetime) },
     Key { name: "api_keys",
         set: |s, v| v.secret_list().map(|keys| s.api_keys = keys),
         show: |s| format!("{} key(s)", s.api_keys.len()) },

@@ -9,9 +9,13 @@
 //! Requests carrying `x-mock-tag: NAME` are counted per name in `/mock/stats`
 //! (`tags`), so a test can tell that a kind of request never got here.
 
+mod audio;
 mod inference;
+mod lora;
 mod prefix_cache;
+mod realtime;
 mod reply;
+mod responses;
 mod server;
 mod wire;
 
@@ -162,6 +166,14 @@ struct State {
     /// Requests seen per `x-mock-tag` value.
     tags: Mutex<BTreeMap<String, u64>>,
     prefix: prefix_cache::PrefixCache,
+    /// LoRA adapters loaded at runtime (`/v1/load_lora_adapter`): name to path.
+    adapters: Mutex<BTreeMap<String, String>>,
+    /// Stored responses (`/v1/responses`), by id.
+    responses: Mutex<BTreeMap<String, Value>>,
+    /// WebSocket sessions served.
+    sessions: AtomicU64,
+    /// `GET /v1/models` served.
+    model_reads: AtomicU64,
 }
 
 impl State {
@@ -191,6 +203,15 @@ impl State {
         self.tags.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    fn adapters(&self) -> MutexGuard<'_, BTreeMap<String, String>> {
+        // A map insert or remove cannot be left half-done by a panicking holder.
+        self.adapters.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn responses(&self) -> MutexGuard<'_, BTreeMap<String, Value>> {
+        self.responses.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn count_tags(&self, head: &Head) {
         let mut tags = self.tags();
         for tag in head.all("x-mock-tag") {
@@ -206,6 +227,9 @@ impl State {
             "peak_in_flight": self.peak.load(SeqCst),
             "total": self.total.load(SeqCst),
             "aborted": self.aborted.load(SeqCst),
+            "sessions": self.sessions.load(SeqCst),
+            "model_reads": self.model_reads.load(SeqCst),
+            "responses": self.responses().len(),
             "mode": MODES[self.mode() as usize % MODES.len()],
         })
     }

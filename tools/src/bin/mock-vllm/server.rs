@@ -43,13 +43,37 @@ pub(crate) fn read_request(c: &mut Conn) -> Result<Option<Request>, ReadErr> {
     let Some(head) = read_head(&mut c.reader)? else {
         return Ok(None);
     };
-    let framing = body_framing(&head)?;
+    let path = head.target.split('?').next().unwrap_or_default();
+    if head.method == "GET" && path == "/v1/realtime" && head.has_token("upgrade", "websocket") {
+        return Ok(Some(Request {
+            head,
+            body: Vec::new(),
+            streamed: Some(Framing::None),
+        }));
+    }
+    let upload = head.method == "POST" && audio::is_upload_path(path);
+    let framing = if upload {
+        body_framing_within(&head, audio::MAX_UPLOAD)?
+    } else {
+        body_framing(&head)?
+    };
     // curl and others wait up to a second for this before sending a large body.
     if framing != Framing::None && !head.http10 && head.has_token("expect", "100-continue") {
         c.out.write_all(b"HTTP/1.1 100 Continue\r\n\r\n")?;
     }
+    if upload {
+        return Ok(Some(Request {
+            head,
+            body: Vec::new(),
+            streamed: Some(framing),
+        }));
+    }
     let body = read_body(&mut c.reader, &framing)?;
-    Ok(Some(Request { head, body }))
+    Ok(Some(Request {
+        head,
+        body,
+        streamed: None,
+    }))
 }
 
 pub(crate) fn route(c: &mut Conn, req: &Request) -> io::Result<()> {
@@ -75,6 +99,12 @@ pub(crate) fn route(c: &mut Conn, req: &Request) -> io::Result<()> {
             _ => Resp::json(200, &json!({"status": "ok"})),
         },
         "/v1/models" if get => models(st),
+        "/v1/realtime" if req.streamed.is_some() => return realtime::serve(c, req),
+        p if audio::is_upload_path(p) && req.streamed.is_some() => return audio::serve(c, req),
+        "/v1/load_lora_adapter" if post => lora::load(st, &req.body),
+        "/v1/unload_lora_adapter" if post => lora::unload(st, &req.body),
+        "/v1/responses" if post => return responses::create(c, req),
+        p if p.starts_with("/v1/responses/") => responses::stored(st, method, p),
         "/metrics" if get => metrics(st),
         "/mock/stats" | "/mock/last" | "/health" | "/v1/models" | "/metrics" => {
             Resp::not_allowed("GET, HEAD")
@@ -120,10 +150,16 @@ pub(crate) fn hang(c: &mut Conn) -> io::Result<()> {
 }
 
 pub(crate) fn models(st: &State) -> Resp {
+    st.model_reads.fetch_add(1, SeqCst);
     let created = now().as_secs();
     let model =
         |m| json!({"id": m, "object": "model", "created": created, "owned_by": "mock-vllm"});
-    let data: Vec<Value> = st.cfg.models.iter().map(model).collect();
+    let mut data: Vec<Value> = st.cfg.models.iter().map(model).collect();
+    // Adapters as vLLM lists them: their own id, the base model as `parent`.
+    data.extend(st.adapters().iter().map(|(name, path)| {
+        json!({"id": name, "object": "model", "created": created, "owned_by": "vllm",
+               "root": path, "parent": st.default_model()})
+    }));
     Resp::json(200, &json!({"object": "list", "data": data}))
 }
 

@@ -37,6 +37,74 @@ impl Head {
 pub(crate) struct Request {
     pub(crate) head: Head,
     pub(crate) body: Vec<u8>,
+    /// The body left on the connection for the route to read as it streams (an
+    /// upload), or the connection taken over (a WebSocket): `body` is empty then.
+    pub(crate) streamed: Option<Framing>,
+}
+
+/// A chunked body read as it comes, for uploads the mock does not hold whole.
+pub(crate) struct ChunkedReader<'a, R: BufRead> {
+    pub(crate) inner: &'a mut R,
+    left: usize,
+    done: bool,
+}
+
+impl<'a, R: BufRead> ChunkedReader<'a, R> {
+    pub(crate) fn new(inner: &'a mut R) -> Self {
+        ChunkedReader {
+            inner,
+            left: 0,
+            done: false,
+        }
+    }
+}
+
+impl<R: BufRead> Read for ChunkedReader<'_, R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let invalid = |m: &str| io::Error::new(io::ErrorKind::InvalidData, m.to_owned());
+        if self.done || out.is_empty() {
+            return Ok(0);
+        }
+        if self.left == 0 {
+            let mut line = Vec::new();
+            let n = read_line(
+                self.inner,
+                &mut line,
+                &mut 4096,
+                bad("chunk size line too long"),
+            )
+            .map_err(|_| invalid("bad chunk size line"))?;
+            if n == 0 {
+                return Err(io::ErrorKind::UnexpectedEof.into());
+            }
+            self.left = parse_chunk_size(trim_eol(&line)).map_err(|_| invalid("bad chunk size"))?;
+            if self.left == 0 {
+                // The trailer section, up to its empty line.
+                loop {
+                    line.clear();
+                    let n = read_line(self.inner, &mut line, &mut 4096, bad("trailer too long"))
+                        .map_err(|_| invalid("bad trailer"))?;
+                    if n == 0 || trim_eol(&line).is_empty() {
+                        break;
+                    }
+                }
+                self.done = true;
+                return Ok(0);
+            }
+        }
+        let want = out.len().min(self.left);
+        let n = self.inner.read(&mut out[..want])?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        self.left -= n;
+        if self.left == 0 {
+            let mut crlf = Vec::new();
+            read_line(self.inner, &mut crlf, &mut 2, bad("missing CRLF"))
+                .map_err(|_| invalid("missing CRLF after chunk"))?;
+        }
+        Ok(n)
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -188,6 +256,12 @@ pub(crate) fn parse_header(l: &[u8]) -> Result<(String, String), ReadErr> {
 }
 
 pub(crate) fn body_framing(head: &Head) -> Result<Framing, ReadErr> {
+    body_framing_within(head, MAX_BODY as u64)
+}
+
+/// `body_framing` with a cap of `max` bytes: uploads, read as they stream
+/// (`audio`), may be larger than the bodies the mock holds.
+pub(crate) fn body_framing_within(head: &Head, max: u64) -> Result<Framing, ReadErr> {
     let too_large = ReadErr::Bad(413, "request body too large");
     let mut length: Option<u64> = None;
     for part in head
@@ -223,7 +297,7 @@ pub(crate) fn body_framing(head: &Head) -> Result<Framing, ReadErr> {
     }
     match length {
         None | Some(0) => Ok(Framing::None),
-        Some(n) if n > MAX_BODY as u64 => Err(too_large),
+        Some(n) if n > max => Err(too_large),
         Some(n) => Ok(Framing::Length(n as usize)),
     }
 }
