@@ -4,6 +4,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod generation_metrics;
 pub mod logging;
 pub mod metrics;
 pub mod reload;

@@ -1,0 +1,397 @@
+//! What operators see (issue 17): request-level metrics read from the SSE events
+//! (time to first token, gaps between tokens, time per output token, end-to-end
+//! latency, tokens and finish reasons), W3C trace context across the router, and
+//! `vllm-router top` rendered against a live router, in the terminal UI crate's test
+//! backend and under a real pseudo-terminal (tmux).
+//!
+//! The streams come from `mock-vllm` with known timings: a role-only first chunk as
+//! vLLM sends it, then the first token `x-mock-first-token-ms` after the head, then
+//! one every `x-mock-delay-ms`.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use crate::support::{request, servers_toml, wait_until, Conn, Mock, Resp, Router};
+
+const CHAT: &str = "/v1/chat/completions";
+const SOON: Duration = Duration::from_secs(10);
+
+/// A POST to the chat endpoint with extra headers.
+fn chat(addr: SocketAddr, headers: &[(&str, &str)], body: &str) -> Resp {
+    let mut all = vec![("Content-Type", "application/json")];
+    all.extend_from_slice(headers);
+    request(addr, "POST", CHAT, &all, body.as_bytes())
+}
+
+/// The samples of a `/metrics` page, each as its name and sorted labels.
+fn samples(text: &str) -> BTreeMap<(String, BTreeMap<String, String>), f64> {
+    let mut out = BTreeMap::new();
+    for line in text
+        .lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+    {
+        let (series, value) = line.rsplit_once(' ').expect("a sample line");
+        let (name, labels) = match series.split_once('{') {
+            Some((name, rest)) => (name, rest.strip_suffix('}').expect("labels end")),
+            None => (series, ""),
+        };
+        let labels = labels
+            .split("\",")
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                let (k, v) = l.split_once("=\"").expect("label=\"value\"");
+                (k.to_owned(), v.trim_end_matches('"').to_owned())
+            })
+            .collect();
+        out.insert((name.to_owned(), labels), value.parse().expect("a number"));
+    }
+    out
+}
+
+/// One sample's value, by name and its whole label set.
+fn value(router: &Router, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let text = router.get("/metrics").text();
+    let key = (
+        name.to_owned(),
+        labels
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    );
+    samples(&text).get(&key).copied()
+}
+
+/// A histogram's count and sum for one model and backend.
+fn histogram(router: &Router, name: &str, model: &str, backend: &str) -> (f64, f64) {
+    let labels = [("backend", backend), ("model", model)];
+    let count = value(router, &format!("{name}_count"), &labels).unwrap_or(0.0);
+    let sum = value(router, &format!("{name}_sum"), &labels).unwrap_or(0.0);
+    (count, sum)
+}
+
+fn bucket(router: &Router, name: &str, backend: &str, le: &str) -> f64 {
+    let labels = [("backend", backend), ("le", le), ("model", "mock-model")];
+    value(router, &format!("{name}_bucket"), &labels).unwrap_or(0.0)
+}
+
+const STREAM: &str = r#"{"model":"mock-model","stream":true,"max_tokens":5,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#;
+
+/// A TTFT of 300 ms shows as 300 ms, not as the time to the head (which comes at
+/// once), and not as the time to vLLM's role-only first chunk; the gaps, the time per
+/// output token and the tokens follow the events.
+#[test]
+fn stream_metrics_follow_the_content_events_not_the_head() {
+    let mock = Mock::start(&[]);
+    let router = Router::start(&servers_toml(&[(&mock.url, 4)], ""));
+    let started = Instant::now();
+    let resp = chat(
+        router.addr,
+        &[
+            ("x-mock-role-chunk", "1"),
+            ("x-mock-first-token-ms", "300"),
+            ("x-mock-delay-ms", "50"),
+            ("X-Request-Id", "timed"),
+        ],
+        STREAM,
+    );
+    let took = started.elapsed().as_secs_f64();
+    assert_eq!(resp.status, 200);
+    let events = resp.text().matches("data: ").count();
+    assert_eq!(events, 8, "role, 5 tokens, usage, [DONE]: {}", resp.text());
+    let url = mock.url.as_str();
+    let ttft = "vllm_router_time_to_first_token_seconds";
+    wait_until(SOON, "the stream counted", || {
+        histogram(&router, ttft, "mock-model", url).0 == 1.0
+    });
+    let (_, ttft_sum) = histogram(&router, ttft, "mock-model", url);
+    assert!((0.3..0.6).contains(&ttft_sum), "TTFT {ttft_sum} s");
+    assert_eq!(bucket(&router, ttft, url, "0.25"), 0.0);
+    assert_eq!(bucket(&router, ttft, url, "0.75"), 1.0);
+    // The head came at once: the time to first byte is not the time to first token.
+    let ttfb = value(
+        &router,
+        "vllm_router_time_to_first_byte_seconds_sum",
+        &[("backend", url)],
+    )
+    .expect("ttfb");
+    assert!(ttfb < 0.2, "the head took {ttfb} s");
+
+    let (gaps, gap_sum) = histogram(
+        &router,
+        "vllm_router_inter_token_latency_seconds",
+        "mock-model",
+        url,
+    );
+    assert_eq!(gaps, 4.0, "one gap between each of 5 tokens");
+    assert!((0.2..0.45).contains(&gap_sum), "4 gaps of 50 ms: {gap_sum}");
+    let (tpots, tpot) = histogram(
+        &router,
+        "vllm_router_time_per_output_token_seconds",
+        "mock-model",
+        url,
+    );
+    assert_eq!(tpots, 1.0);
+    assert!((0.05..0.11).contains(&tpot), "TPOT {tpot}");
+    let (e2es, e2e) = histogram(
+        &router,
+        "vllm_router_e2e_request_latency_seconds",
+        "mock-model",
+        url,
+    );
+    assert_eq!(e2es, 1.0);
+    assert!(
+        e2e >= 0.5 && e2e < took + 0.1,
+        "e2e {e2e}, the client saw {took}"
+    );
+
+    let usage: Value = resp
+        .text()
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|v| v["usage"].is_object())
+        .expect("a usage event")["usage"]
+        .clone();
+    let tokens = |name: &str, source: &str| {
+        value(
+            &router,
+            name,
+            &[
+                ("backend", url),
+                ("model", "mock-model"),
+                ("source", source),
+            ],
+        )
+    };
+    assert_eq!(
+        tokens("vllm_router_prompt_tokens_total", "usage"),
+        usage["prompt_tokens"].as_f64()
+    );
+    assert_eq!(
+        tokens("vllm_router_completion_tokens_total", "usage"),
+        Some(5.0)
+    );
+    assert_eq!(
+        tokens("vllm_router_completion_tokens_total", "estimated"),
+        None
+    );
+    let finish = |reason: &str| {
+        value(
+            &router,
+            "vllm_router_requests_by_finish_reason_total",
+            &[
+                ("backend", url),
+                ("finish_reason", reason),
+                ("model", "mock-model"),
+            ],
+        )
+    };
+    assert_eq!(finish("length"), Some(1.0), "max_tokens ended it");
+
+    // The access entry carries the same figures.
+    let mut entry = None;
+    wait_until(SOON, "the access entry", || {
+        entry = router.access_entry("timed");
+        entry.is_some()
+    });
+    let entry = entry.expect("entry");
+    let ttft_ms = entry["ttft_ms"].as_f64().expect("ttft_ms");
+    assert!((300.0..600.0).contains(&ttft_ms), "{entry}");
+    assert!(
+        entry["ttfb_ms"].as_f64().expect("ttfb_ms") < 200.0,
+        "{entry}"
+    );
+    assert_eq!(entry["completion_tokens"], 5, "{entry}");
+    assert_eq!(entry["prompt_tokens"], usage["prompt_tokens"], "{entry}");
+}
+
+/// Without `include_usage` the completion tokens are counted from the events and
+/// labelled estimated; no prompt tokens are invented. A JSON reply's usage and finish
+/// reason are read from its body, and it has no TTFT.
+#[test]
+fn tokens_without_usage_are_estimated_and_json_replies_give_theirs() {
+    let mock = Mock::start(&[]);
+    let router = Router::start(&servers_toml(&[(&mock.url, 4)], ""));
+    let url = mock.url.as_str();
+    for _ in 0..2 {
+        let resp = chat(
+            router.addr,
+            &[("x-mock-tokens", "3"), ("x-mock-role-chunk", "1")],
+            r#"{"model":"mock-model","stream":true,"messages":[]}"#,
+        );
+        assert_eq!(resp.status, 200);
+    }
+    let completion = |source: &str| {
+        value(
+            &router,
+            "vllm_router_completion_tokens_total",
+            &[
+                ("backend", url),
+                ("model", "mock-model"),
+                ("source", source),
+            ],
+        )
+    };
+    wait_until(SOON, "two streams counted", || {
+        completion("estimated") == Some(6.0)
+    });
+    assert_eq!(completion("usage"), None);
+    let prompt = value(
+        &router,
+        "vllm_router_prompt_tokens_total",
+        &[
+            ("backend", url),
+            ("model", "mock-model"),
+            ("source", "usage"),
+        ],
+    );
+    assert_eq!(prompt, None);
+
+    let resp = chat(
+        router.addr,
+        &[],
+        r#"{"model":"mock-model","max_tokens":4,"messages":[]}"#,
+    );
+    assert_eq!(resp.status, 200);
+    let usage = resp.json()["usage"].clone();
+    wait_until(SOON, "the JSON reply counted", || {
+        completion("usage") == Some(4.0)
+    });
+    let prompt = value(
+        &router,
+        "vllm_router_prompt_tokens_total",
+        &[
+            ("backend", url),
+            ("model", "mock-model"),
+            ("source", "usage"),
+        ],
+    );
+    assert_eq!(prompt, usage["prompt_tokens"].as_f64());
+    let finish = |reason: &str| {
+        value(
+            &router,
+            "vllm_router_requests_by_finish_reason_total",
+            &[
+                ("backend", url),
+                ("finish_reason", reason),
+                ("model", "mock-model"),
+            ],
+        )
+    };
+    assert_eq!(finish("stop"), Some(2.0), "the streams");
+    assert_eq!(finish("length"), Some(1.0), "the JSON reply");
+    let ttft = histogram(
+        &router,
+        "vllm_router_time_to_first_token_seconds",
+        "mock-model",
+        url,
+    );
+    assert_eq!(ttft.0, 2.0, "streams only");
+    let e2e = histogram(
+        &router,
+        "vllm_router_e2e_request_latency_seconds",
+        "mock-model",
+        url,
+    );
+    assert_eq!(e2e.0, 3.0, "every answered request");
+}
+
+const VALID: &str = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+
+/// A client's `traceparent` and `tracestate` reach the backend unchanged; without
+/// one, the backend gets a new sampled version-00 one whose trace id is the access
+/// entry's; `X-Request-Id` is still echoed; an unusable one is replaced.
+#[test]
+fn traces_connect_through_the_router() {
+    let mock = Mock::start(&[]);
+    let router = Router::start(&servers_toml(&[(&mock.url, 4)], ""));
+    let body = r#"{"model":"mock-model","max_tokens":1,"messages":[]}"#;
+
+    let mut conn = Conn::open(router.addr);
+    let headers = [
+        ("Content-Type", "application/json"),
+        ("traceparent", VALID),
+        ("tracestate", "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"),
+        ("X-Request-Id", "traced-1"),
+    ];
+    conn.send("POST", CHAT, &headers, body.as_bytes(), false);
+    let resp = conn.read_response(false).expect("a reply");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("x-request-id"), Some("traced-1"));
+    assert_eq!(mock.headers_seen("traceparent"), [VALID]);
+    assert_eq!(
+        mock.headers_seen("tracestate"),
+        ["congo=t61rcWkgMzE,rojo=00f067aa0ba902b7"]
+    );
+
+    // The next request on the same connection has none: it gets a trace of its own.
+    let headers = [
+        ("Content-Type", "application/json"),
+        ("X-Request-Id", "traced-2"),
+    ];
+    conn.send("POST", CHAT, &headers, body.as_bytes(), true);
+    let resp = conn.read_response(false).expect("a second reply");
+    assert_eq!(resp.status, 200);
+    assert_eq!(resp.header("x-request-id"), Some("traced-2"));
+    let started = mock.headers_seen("traceparent");
+    assert_eq!(started.len(), 1, "{started:?}");
+    let parts: Vec<&str> = started[0].split('-').collect();
+    assert_eq!(parts.len(), 4, "{started:?}");
+    assert_eq!((parts[0], parts[3]), ("00", "01"), "version 00, sampled");
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    assert!(hex(parts[1], 32) && hex(parts[2], 16), "{started:?}");
+    assert!(mock.headers_seen("tracestate").is_empty());
+
+    // An unusable traceparent is replaced, and its tracestate goes with it.
+    let headers = [
+        ("Content-Type", "application/json"),
+        ("traceparent", "00-not-a-trace-01"),
+        ("tracestate", "a=1"),
+        ("X-Request-Id", "traced-3"),
+    ];
+    let resp = request(router.addr, "POST", CHAT, &headers, body.as_bytes());
+    assert_eq!(resp.status, 200);
+    let replaced = mock.headers_seen("traceparent");
+    assert_eq!(replaced.len(), 1);
+    assert_ne!(replaced[0], "00-not-a-trace-01");
+    assert_ne!(replaced[0], started[0], "a new trace per request");
+    assert!(mock.headers_seen("tracestate").is_empty());
+
+    let entry = |id: &str| {
+        let mut found = None;
+        wait_until(SOON, &format!("access entry {id}"), || {
+            found = router.access_entry(id);
+            found.is_some()
+        });
+        found.expect("entry")
+    };
+    assert_eq!(
+        entry("traced-1")["trace_id"],
+        "0af7651916cd43dd8448eb211c80319c"
+    );
+    assert_eq!(entry("traced-2")["trace_id"], parts[1]);
+    assert_eq!(
+        entry("traced-3")["trace_id"],
+        replaced[0].split('-').nth(1).expect("trace id")
+    );
+    // A request the router refuses itself still logs a trace id.
+    let refused = request(
+        router.addr,
+        "POST",
+        CHAT,
+        &[("traceparent", VALID), ("X-Request-Id", "traced-4")],
+        b"not json",
+    );
+    assert_eq!(refused.status, 400);
+    assert_eq!(
+        entry("traced-4")["trace_id"],
+        "0af7651916cd43dd8448eb211c80319c"
+    );
+}
