@@ -42,13 +42,15 @@ define need
 endef
 
 ## The whole test suite: unit and integration tests against the real binaries, then
-## the HTTPS tests in a build with the `tls` feature. Two real tools are used, and
+## the HTTPS tests in a build with the `tls` feature. Three real tools are used, and
 ## installed here when missing and root may, as .ci/run does: promtool (Debian package
 ## prometheus) checks the /metrics exposition, Node's llhttp (package nodejs) is the
-## reference parser of the differential test.
+## reference parser of the differential test, tmux (package tmux) is the pseudo-terminal
+## `vllm-router top` runs under.
 test:
 	$(call need,promtool,prometheus)
 	$(call need,node,nodejs)
+	$(call need,tmux,tmux)
 	$(CARGO) test --locked --workspace --all-targets
 	$(CARGO) test --locked -p vllm-router --features tls --test integration tls::
 
@@ -63,8 +65,8 @@ lint:
 demo: build tools
 	@set -e; \
 	trap 'kill $$M1 $$M2 $$R 2>/dev/null; wait 2>/dev/null; echo; echo "demo stopped"' INT TERM EXIT; \
-	$(MOCK_BIN) --port 8081 --id gpu-1 --delay-ms 150 --tokens 20 > /dev/null & M1=$$!; \
-	$(MOCK_BIN) --port 8082 --id gpu-2 --delay-ms 150 --tokens 20 > /dev/null & M2=$$!; \
+	$(MOCK_BIN) --port 8081 --id gpu-1 --first-token-ms 250 --delay-ms 150 --tokens 20 > /dev/null & M1=$$!; \
+	$(MOCK_BIN) --port 8082 --id gpu-2 --first-token-ms 250 --delay-ms 150 --tokens 20 > /dev/null & M2=$$!; \
 	$(RELEASE_BIN) run --config ./servers.toml --console & R=$$!; \
 	sleep 1; \
 	echo; \
@@ -72,6 +74,7 @@ demo: build tools
 	echo "  curl -N localhost:8888/v1/chat/completions -H 'Content-Type: application/json' \\"; \
 	echo "       -d '{\"model\":\"mock-model\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'"; \
 	echo "  curl -s localhost:8888/load-stats"; \
+	echo "  $(RELEASE_BIN) top"; \
 	echo; \
 	wait $$R
 

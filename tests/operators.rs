@@ -10,11 +10,19 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use ratatui::backend::TestBackend;
+use ratatui::Terminal;
 use serde_json::Value;
+use vllm_router::control::top::{Status, Top};
+use vllm_router::request::auth::Secret;
 
-use crate::support::{request, servers_toml, wait_until, Conn, Mock, Resp, Router};
+use crate::support::{
+    free_port, request, servers_toml, test_dir, wait_until, Conn, Mock, Resp, Router,
+};
 
 const CHAT: &str = "/v1/chat/completions";
 const SOON: Duration = Duration::from_secs(10);
@@ -394,4 +402,283 @@ fn traces_connect_through_the_router() {
         entry("traced-4")["trace_id"],
         "0af7651916cd43dd8448eb211c80319c"
     );
+}
+
+// ---------------------------------------------------------------- top
+
+/// The screen as text, one line per row.
+fn screen(top: &Top, width: u16, height: u16) -> String {
+    let mut terminal = Terminal::new(TestBackend::new(width, height)).expect("a test terminal");
+    terminal.draw(|frame| top.draw(frame)).expect("draws");
+    let buffer = terminal.backend().buffer();
+    (0..height)
+        .map(|y| {
+            (0..width)
+                .map(|x| buffer[(x, y)].symbol())
+                .collect::<String>()
+                .trim_end()
+                .to_owned()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Streams with a TTFT of 300 ms through the router, one at a time.
+fn timed_streams(router: &Router, n: usize) {
+    for _ in 0..n {
+        let resp = chat(
+            router.addr,
+            &[
+                ("x-mock-role-chunk", "1"),
+                ("x-mock-first-token-ms", "300"),
+                ("x-mock-delay-ms", "10"),
+            ],
+            STREAM,
+        );
+        assert_eq!(resp.status, 200);
+    }
+}
+
+/// Two readings of a live router with a healthy and a dead backend, rendered at
+/// 80x24 and at 160x40: each backend with its state (and why the dead one is down),
+/// its in-flight bar, the TTFT and rates of the last minute, and the status line.
+#[test]
+fn top_shows_a_live_router_in_an_80_by_24_terminal_and_uses_a_larger_one() {
+    let mock = Mock::start(&[]);
+    let dead = format!("http://127.0.0.1:{}", free_port());
+    let router = Router::start_with(
+        &servers_toml(&[(&mock.url, 4), (&dead, 2)], "max_queue_size = 9"),
+        &[],
+        &[],
+    )
+    .expect("router starts");
+    router.wait_ready();
+    let url = format!("http://{}", router.addr);
+    let mut top = Top::new(&url, None);
+    top.refresh();
+    timed_streams(&router, 3);
+    // A reading measures rates against one at least half a second older.
+    std::thread::sleep(Duration::from_millis(600));
+    wait_until(SOON, "the dead backend checked", || {
+        router.health()["servers"][1]["reason"].is_string()
+    });
+    top.refresh();
+    assert_eq!(top.status, Status::Up);
+
+    let text = screen(&top, 80, 24);
+    eprintln!("{text}");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 24);
+    assert!(lines[0].contains(&url), "{text}");
+    assert!(text.contains("1/2 backends healthy"), "{text}");
+    assert!(text.contains("queue 0/9"), "{text}");
+    let live = mock.url.strip_prefix("http://").expect("http");
+    let row = lines
+        .iter()
+        .find(|l| l.contains(live) && l.contains(" up "))
+        .unwrap_or_else(|| panic!("a row for {live}:\n{text}"));
+    assert!(
+        row.contains("░░░░░░░░ 0/4"),
+        "an empty in-flight bar: {row}"
+    );
+    // 300 ms lies in vLLM's 250-500 ms TTFT bucket: the quantiles read inside it.
+    let ttft = row
+        .split_whitespace()
+        .find(|c| c.contains("ms/"))
+        .unwrap_or_else(|| panic!("TTFT p50/p99 in {row}"));
+    let (p50, p99) = ttft.split_once('/').expect("p50/p99");
+    for q in [p50, p99] {
+        let ms: f64 = q.trim_end_matches("ms").parse().expect("milliseconds");
+        assert!((250.0..=500.0).contains(&ms), "{q} in {row}");
+    }
+    let down = dead.strip_prefix("http://").expect("http");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(down) && l.contains(" down ")),
+        "{text}"
+    );
+    let reason = router.health()["servers"][1]["reason"]
+        .as_str()
+        .expect("reason")
+        .to_owned();
+    let shown = &reason[..reason.len().min(20)];
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("down") && l.contains(down) && l.contains(shown)),
+        "why {down} is down ({reason}):\n{text}"
+    );
+    assert!(text.contains("Rejected"), "{text}");
+    assert!(lines[23].contains("q quit"), "{text}");
+    for line in &lines {
+        assert!(line.chars().count() <= 80, "{line}");
+    }
+
+    // A larger terminal gives the backend column the room: whole URLs, more rows.
+    let wide = screen(&top, 160, 40);
+    assert_eq!(wide.lines().count(), 40);
+    assert!(
+        wide.lines()
+            .any(|l| l.contains(live) && l.chars().count() > 100),
+        "{wide}"
+    );
+}
+
+/// Protected status endpoints: without the key `top` says what to do; with it, it
+/// reads. An unreachable router is said so, and tried again.
+#[test]
+fn top_takes_an_api_key_and_says_when_the_router_is_unreachable() {
+    let mock = Mock::start(&[]);
+    let router = Router::start(&servers_toml(
+        &[(&mock.url, 2)],
+        "api_keys = [\"top-key\"]\nprotect_status_endpoints = true",
+    ));
+    let url = format!("http://{}", router.addr);
+    let mut top = Top::new(&url, None);
+    top.refresh();
+    match &top.status {
+        Status::Down { error, .. } => assert!(error.contains("--api-key"), "{error}"),
+        other => panic!("{other:?}"),
+    }
+    let mut top = Top::new(&url, Some(Secret::new("top-key")));
+    top.refresh();
+    assert_eq!(top.status, Status::Up);
+
+    let nowhere = format!("http://127.0.0.1:{}", free_port());
+    let mut top = Top::new(&nowhere, None);
+    top.refresh();
+    top.refresh();
+    assert!(
+        matches!(top.status, Status::Down { attempts: 2, .. }),
+        "{:?}",
+        top.status
+    );
+    let text = screen(&top, 80, 24);
+    assert!(
+        text.lines()
+            .last()
+            .is_some_and(|l| l.contains("unreachable")),
+        "{text}"
+    );
+}
+
+/// A terminal tool the test needs: under CI a missing one fails the test (`make test`
+/// installs it); elsewhere the test says so and is skipped.
+fn have_tool(name: &str, package: &str) -> bool {
+    let found = Command::new(name)
+        .arg("-V")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        found || std::env::var_os("CI").is_none(),
+        "{name} is missing: install the Debian package {package} (`make test` does)"
+    );
+    if !found {
+        eprintln!("skipped: {name} is missing (Debian package {package})");
+    }
+    found
+}
+
+/// A tmux session on its own server socket, killed when dropped.
+struct Tmux {
+    socket: PathBuf,
+}
+
+impl Tmux {
+    /// Runs `command` in a detached 80x24 session.
+    fn start(dir: &std::path::Path, command: &str) -> Tmux {
+        let tmux = Tmux {
+            socket: dir.join("tmux.sock"),
+        };
+        let ok = tmux
+            .cmd(&[
+                "new-session",
+                "-d",
+                "-s",
+                "top",
+                "-x",
+                "80",
+                "-y",
+                "24",
+                command,
+            ])
+            .status()
+            .expect("tmux runs");
+        assert!(ok.success(), "tmux new-session");
+        tmux
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new("tmux");
+        cmd.arg("-S").arg(&self.socket).args(args);
+        cmd.env_remove("TMUX");
+        cmd
+    }
+
+    fn capture(&self) -> String {
+        let out = self
+            .cmd(&["capture-pane", "-p", "-t", "top"])
+            .output()
+            .expect("capture-pane");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn keys(&self, keys: &str) {
+        let ok = self
+            .cmd(&["send-keys", "-t", "top", keys])
+            .status()
+            .expect("send-keys");
+        assert!(ok.success());
+    }
+}
+
+impl Drop for Tmux {
+    fn drop(&mut self) {
+        let _ = self.cmd(&["kill-server"]).status();
+    }
+}
+
+/// The real binary under a real pseudo-terminal (tmux, 80x24): it shows the router,
+/// stays up and says so (trying again) while the router is gone, and
+/// quits on q with status 0.
+#[test]
+fn top_runs_in_a_real_terminal_survives_the_router_going_away_and_quits_on_q() {
+    if !have_tool("tmux", "tmux") {
+        return;
+    }
+    let mock = Mock::start(&[]);
+    let router = Router::start(&servers_toml(&[(&mock.url, 3)], ""));
+    let port = router.addr.port();
+    let dir = test_dir("top-tty");
+    let status = dir.join("status");
+    let command = format!(
+        "env -u API_KEY TERM=xterm-256color {} top --url http://127.0.0.1:{port}; echo $? > {}; sleep 60",
+        crate::support::ROUTER,
+        status.display()
+    );
+    let tmux = Tmux::start(&dir, &command);
+    let live = mock.url.strip_prefix("http://").expect("http").to_owned();
+    let mut screen = String::new();
+    wait_until(SOON, "top shows the backend", || {
+        screen = tmux.capture();
+        screen.contains(&live) && screen.contains("1/1 backends healthy")
+    });
+    assert!(screen.lines().all(|l| l.chars().count() <= 80), "{screen}");
+
+    drop(router);
+    wait_until(
+        SOON,
+        "top says the router is unreachable, and keeps trying",
+        || {
+            screen = tmux.capture();
+            screen.contains("unreachable") && screen.contains("try 2")
+        },
+    );
+    assert!(!status.exists(), "top exited when the router went away");
+
+    tmux.keys("q");
+    wait_until(SOON, "top exits", || status.exists());
+    let code = std::fs::read_to_string(&status).expect("status");
+    assert_eq!(code.trim(), "0", "exit status of top");
 }
