@@ -339,6 +339,33 @@ mod tests {
     }
 
     #[test]
+    fn top_watches_loopback_at_port_unless_told_a_url() {
+        let none = TopArgs::default();
+        let url = |a: &TopArgs, e| top_url(a, &e).expect("valid");
+        assert_eq!(url(&none, env_of(&[])), "http://127.0.0.1:8888");
+        assert_eq!(
+            url(&none, env_of(&[("PORT", "9000")])),
+            "http://127.0.0.1:9000"
+        );
+        assert_eq!(
+            url(&none, env_of(&[("PORT", "0")])),
+            "http://127.0.0.1:8888"
+        );
+        let given = TopArgs {
+            url: Some("http://10.0.0.5:8888/".into()),
+            ..TopArgs::default()
+        };
+        assert_eq!(url(&given, env_of(&[])), "http://10.0.0.5:8888/");
+        let bad = TopArgs {
+            url: Some("10.0.0.5:8888".into()),
+            ..TopArgs::default()
+        };
+        assert!(top_url(&bad, &env_of(&[])).is_err());
+        assert!(top_url(&none, &env_of(&[("PORT", "x")])).is_err());
+        assert_eq!(with_default_subcommand(&["top".into()]), ["top"]);
+    }
+
+    #[test]
     fn config_path_comes_from_flag_then_env_then_default() {
         let env = env_of(&[("CONFIG_PATH", "/etc/vllm-router/servers.toml")]);
         assert_eq!(

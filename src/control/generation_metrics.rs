@@ -113,17 +113,16 @@ struct Registry {
 }
 
 impl GenerationMetrics {
-    /// Counts one request a backend answered: `model` is already a label value (a
-    /// known model, `other` or `none`), `e2e` its whole time, and `summary` what its
-    /// reply said, when the reply was read.
-    pub fn observe(&self, model: &str, backend: &str, e2e: Duration, summary: Option<&Summary>) {
+    /// Counts one request whose reply a backend sent: `model` is already a label value
+    /// (a known model, `other` or `none`), `e2e` its whole time, and `s` what its reply
+    /// said.
+    pub fn observe(&self, model: &str, backend: &str, e2e: Duration, s: &Summary) {
         let key = (model.to_owned(), backend.to_owned());
         let mut r = self.registry.lock();
         r.e2e
             .entry(key.clone())
             .or_insert_with(|| Histogram::new(&E2E_BUCKETS))
             .observe(e2e);
-        let Some(s) = summary else { return };
         if let Some(ttft) = s.ttft() {
             r.ttft
                 .entry(key.clone())

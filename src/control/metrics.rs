@@ -118,7 +118,7 @@ impl Metrics {
         drop(r);
         if let Some(generation) = &access.generation {
             self.generation
-                .observe(&model, &backend, access.elapsed(), Some(generation));
+                .observe(&model, &backend, access.elapsed(), generation);
         }
     }
 

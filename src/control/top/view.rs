@@ -178,12 +178,14 @@ fn backend_row<'a>(s: &'a Server, w: &Window) -> Row<'a> {
     } else {
         Color::Green
     });
+    // What a backend reported is from its last good scrape: stale once it is down.
     let reported = match (s.running, s.waiting) {
-        (Some(r), Some(q)) => format!("{r:.0}/{q:.0}"),
+        (Some(r), Some(q)) if s.healthy => format!("{r:.0}/{q:.0}"),
         _ => "-".to_owned(),
     };
     let kv = s
         .kv_cache
+        .filter(|_| s.healthy)
         .map_or("-".to_owned(), |k| format!("{:.0}%", k * 100.0));
     let ttft = format!(
         "{}/{}",
@@ -226,7 +228,7 @@ fn draw_router(frame: &mut Frame, area: Rect, w: &Window) {
     let by_status = |class: &str| rate(w.rate(REQUESTS, &[("status", class)]));
     let lines = vec![
         Line::from(format!(
-            " 2xx {}/s  4xx {}/s  5xx {}/s",
+            " replies 2xx {}/s 4xx {}/s 5xx {}/s",
             by_status("2xx"),
             by_status("4xx"),
             by_status("5xx")
