@@ -12,11 +12,11 @@
 //! `reasoning`, or `text` for completions) or tool calls: vLLM opens a chat stream with
 //! a chunk that carries only the role (and an empty content), which is not one.
 
-use std::borrow::Cow;
+use std::fmt;
 use std::time::{Duration, Instant};
 
-use serde::de::IgnoredAny;
-use serde::Deserialize;
+use serde::de::{self, IgnoredAny, SeqAccess, Visitor};
+use serde::{Deserialize, Deserializer};
 
 use crate::control::generation_metrics::{Histogram, TOKEN_GAP_BUCKETS};
 
@@ -203,20 +203,15 @@ impl Observer {
         let Ok(event) = serde_json::from_slice::<Event>(data) else {
             return;
         };
-        if event.error.is_some() || event.object.as_deref() == Some("error") {
+        if event.error.is_some() || event.object.is_some_and(|o| o.0) {
             self.summary.error_event = true;
         }
         if event.usage.is_some() {
             self.summary.usage = event.usage;
         }
-        let mut content = false;
-        for choice in event.choices.iter().flatten() {
-            content |= choice.has_content();
-            if let Some(reason) = &choice.finish_reason {
-                self.summary.finish_reasons.push(finish_label(reason));
-            }
-        }
-        if content {
+        let choices = event.choices.unwrap_or_default();
+        self.summary.finish_reasons.extend(choices.finish);
+        if choices.content {
             let s = &mut self.summary;
             if let Some(last) = s.last_token {
                 s.gaps.observe(now.duration_since(last));
@@ -238,8 +233,8 @@ impl Observer {
         let mut from = 0;
         while let Some(at) = find_first(&tail[from..], b"\"finish_reason\"") {
             let key_end = from + at + 15;
-            if let Some(Some(reason)) = value_after::<Option<Cow<str>>>(&tail[key_end..]) {
-                self.summary.finish_reasons.push(finish_label(&reason));
+            if let Some(Some(Reason(reason))) = value_after::<Option<Reason>>(&tail[key_end..]) {
+                self.summary.finish_reasons.push(reason);
             }
             from = key_end;
         }
@@ -272,49 +267,135 @@ fn finish_label(reason: &str) -> &'static str {
 }
 
 /// The parts of an OpenAI stream event the observer reads; everything else is skipped
-/// unparsed.
+/// unparsed, and what is read is not kept: no event allocates (but a `usage`).
 #[derive(Deserialize)]
-struct Event<'a> {
-    #[serde(borrow)]
-    choices: Option<Vec<Choice<'a>>>,
+struct Event {
+    choices: Option<Choices>,
     usage: Option<Usage>,
     error: Option<IgnoredAny>,
-    #[serde(borrow)]
-    object: Option<Cow<'a, str>>,
+    object: Option<IsError>,
+}
+
+/// An event's choices, read one by one: whether any carries content, and their finish
+/// reasons (a `Vec` that allocates only when one comes, at a stream's end).
+#[derive(Default)]
+struct Choices {
+    content: bool,
+    finish: Vec<&'static str>,
 }
 
 #[derive(Deserialize)]
-struct Choice<'a> {
-    #[serde(borrow)]
-    delta: Option<Delta<'a>>,
+struct Choice {
+    delta: Option<Delta>,
     /// Completions stream `text`, not a delta.
-    #[serde(borrow)]
-    text: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    finish_reason: Option<Cow<'a, str>>,
+    text: Option<Text>,
+    finish_reason: Option<Reason>,
 }
 
 #[derive(Deserialize)]
-struct Delta<'a> {
-    #[serde(borrow)]
-    content: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    reasoning_content: Option<Cow<'a, str>>,
-    #[serde(borrow)]
-    reasoning: Option<Cow<'a, str>>,
-    tool_calls: Option<Vec<IgnoredAny>>,
+struct Delta {
+    content: Option<Text>,
+    reasoning_content: Option<Text>,
+    reasoning: Option<Text>,
+    tool_calls: Option<Count>,
 }
 
-impl Choice<'_> {
+impl Choice {
     fn has_content(&self) -> bool {
-        let text = |t: &Option<Cow<str>>| t.as_deref().is_some_and(|t| !t.is_empty());
+        let text = |t: &Option<Text>| t.as_ref().is_some_and(|t| t.0);
         text(&self.text)
             || self.delta.as_ref().is_some_and(|d| {
                 text(&d.content)
                     || text(&d.reasoning_content)
                     || text(&d.reasoning)
-                    || d.tool_calls.as_ref().is_some_and(|c| !c.is_empty())
+                    || d.tool_calls.as_ref().is_some_and(|c| c.0 > 0)
             })
+    }
+}
+
+/// A string, as whether it is empty.
+struct Text(bool);
+/// A finish reason, as its label value.
+struct Reason(&'static str);
+/// An `object`, as whether it is `"error"`.
+struct IsError(bool);
+/// A list, as how many elements it has.
+struct Count(usize);
+
+/// Reads a string through `f` without keeping it (an escaped one is unescaped into the
+/// parser's scratch buffer).
+fn read_str<'de, D: Deserializer<'de>, T>(d: D, f: fn(&str) -> T) -> Result<T, D::Error> {
+    struct Read<T>(fn(&str) -> T);
+    impl<T> Visitor<'_> for Read<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+            f.write_str("a string")
+        }
+        fn visit_str<E: de::Error>(self, s: &str) -> Result<T, E> {
+            Ok((self.0)(s))
+        }
+    }
+    d.deserialize_str(Read(f))
+}
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        read_str(d, |s| Text(!s.is_empty()))
+    }
+}
+
+impl<'de> Deserialize<'de> for Reason {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        read_str(d, |s| Reason(finish_label(s)))
+    }
+}
+
+impl<'de> Deserialize<'de> for IsError {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        read_str(d, |s| IsError(s == "error"))
+    }
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Elements;
+        impl<'de> Visitor<'de> for Elements {
+            type Value = Count;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
+                let mut n = 0;
+                while seq.next_element::<IgnoredAny>()?.is_some() {
+                    n += 1;
+                }
+                Ok(Count(n))
+            }
+        }
+        d.deserialize_seq(Elements)
+    }
+}
+
+impl<'de> Deserialize<'de> for Choices {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Each;
+        impl<'de> Visitor<'de> for Each {
+            type Value = Choices;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a list of choices")
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Choices, A::Error> {
+                let mut out = Choices::default();
+                while let Some(choice) = seq.next_element::<Choice>()? {
+                    out.content |= choice.has_content();
+                    if let Some(Reason(reason)) = choice.finish_reason {
+                        out.finish.push(reason);
+                    }
+                }
+                Ok(out)
+            }
+        }
+        d.deserialize_seq(Each)
     }
 }
 
@@ -402,6 +483,33 @@ mod tests {
             Instant::now(),
         );
         assert!(o.error_event());
+    }
+
+    #[test]
+    fn tool_calls_reasoning_and_escaped_text_are_tokens_an_empty_delta_is_not() {
+        let mut o = Observer::new(Instant::now(), true, false);
+        for (event, token) in [
+            (
+                r#"{"choices":[{"delta":{"tool_calls":[{"index":0,"function":{"arguments":"{"}}]}}]}"#,
+                true,
+            ),
+            (
+                r#"{"choices":[{"delta":{"reasoning_content":"hm"}}]}"#,
+                true,
+            ),
+            (r#"{"choices":[{"delta":{"content":"\n\u00e9"}}]}"#, true),
+            (r#"{"choices":[{"delta":{"tool_calls":[]}}]}"#, false),
+            (r#"{"choices":[{"delta":{}}],"usage":null}"#, false),
+            (r#"{"choices":null}"#, false),
+        ] {
+            let before = o.summary.content_events;
+            o.observe(format!("data: {event}\n\n").as_bytes(), Instant::now());
+            assert_eq!(
+                o.summary.content_events - before,
+                u64::from(token),
+                "{event}"
+            );
+        }
     }
 
     #[test]
