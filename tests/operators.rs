@@ -134,7 +134,11 @@ fn stream_metrics_follow_the_content_events_not_the_head() {
         url,
     );
     assert_eq!(gaps, 4.0, "one gap between each of 5 tokens");
-    assert!((0.2..0.45).contains(&gap_sum), "4 gaps of 50 ms: {gap_sum}");
+    // The first token's read may come a little late, which shortens the sum.
+    assert!(
+        (0.15..0.45).contains(&gap_sum),
+        "4 gaps of 50 ms: {gap_sum}"
+    );
     let (tpots, tpot) = histogram(
         &router,
         "vllm_router_time_per_output_token_seconds",
@@ -142,7 +146,7 @@ fn stream_metrics_follow_the_content_events_not_the_head() {
         url,
     );
     assert_eq!(tpots, 1.0);
-    assert!((0.05..0.11).contains(&tpot), "TPOT {tpot}");
+    assert!((0.035..0.11).contains(&tpot), "TPOT {tpot}");
     let (e2es, e2e) = histogram(
         &router,
         "vllm_router_e2e_request_latency_seconds",
