@@ -56,7 +56,8 @@ endef
 ## installed here when missing and root may, as .ci/run does: promtool (Debian package
 ## prometheus) checks the /metrics exposition, Node's llhttp (package nodejs) is the
 ## reference parser of the differential test, curl and the Python packages openai and
-## websockets (pip) are the clients of the routes tests (tests/routes.rs).
+## websockets (pip) are the clients of the routes tests (tests/routes.rs), tmux (package
+## tmux) is the pseudo-terminal `vllm-router top` runs under.
 test:
 	$(call need,promtool,prometheus)
 	$(call need,node,nodejs)
@@ -64,6 +65,7 @@ test:
 	$(call need,python3,python3)
 	$(call need,pip3,python3-pip)
 	$(call need_py,openai$(comma) websockets,openai websockets)
+	$(call need,tmux,tmux)
 	$(CARGO) test --locked --workspace --all-targets
 	$(CARGO) test --locked -p vllm-router --features tls --test integration tls::
 
@@ -78,8 +80,8 @@ lint:
 demo: build tools
 	@set -e; \
 	trap 'kill $$M1 $$M2 $$R 2>/dev/null; wait 2>/dev/null; echo; echo "demo stopped"' INT TERM EXIT; \
-	$(MOCK_BIN) --port 8081 --id gpu-1 --delay-ms 150 --tokens 20 > /dev/null & M1=$$!; \
-	$(MOCK_BIN) --port 8082 --id gpu-2 --delay-ms 150 --tokens 20 > /dev/null & M2=$$!; \
+	$(MOCK_BIN) --port 8081 --id gpu-1 --first-token-ms 250 --delay-ms 150 --tokens 20 > /dev/null & M1=$$!; \
+	$(MOCK_BIN) --port 8082 --id gpu-2 --first-token-ms 250 --delay-ms 150 --tokens 20 > /dev/null & M2=$$!; \
 	$(RELEASE_BIN) run --config ./servers.toml --console & R=$$!; \
 	sleep 1; \
 	echo; \
@@ -87,6 +89,7 @@ demo: build tools
 	echo "  curl -N localhost:8888/v1/chat/completions -H 'Content-Type: application/json' \\"; \
 	echo "       -d '{\"model\":\"mock-model\",\"stream\":true,\"messages\":[{\"role\":\"user\",\"content\":\"hi\"}]}'"; \
 	echo "  curl -s localhost:8888/load-stats"; \
+	echo "  $(RELEASE_BIN) top"; \
 	echo; \
 	wait $$R
 

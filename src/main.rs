@@ -9,7 +9,9 @@ use argh::FromArgs;
 
 use vllm_router::backend::health;
 use vllm_router::client::listener;
-use vllm_router::control::cli::{self, CheckConfigArgs, Cli, Command, HealthcheckArgs, RunArgs};
+use vllm_router::control::cli::{
+    self, CheckConfigArgs, Cli, Command, HealthcheckArgs, RunArgs, TopArgs,
+};
 use vllm_router::control::config;
 use vllm_router::control::{logging, reload, signals};
 use vllm_router::request::auth::{self, Secret};
@@ -43,6 +45,7 @@ fn main() -> ExitCode {
         Some(Command::CheckConfig(args)) => check_config(args, &env),
         Some(Command::Healthcheck(args)) => healthcheck(args, &env),
         Some(Command::Run(args)) => run(args, &env),
+        Some(Command::Top(args)) => top(args, &env),
         None => run(RunArgs::default(), &env),
     }
 }
@@ -97,6 +100,19 @@ fn healthcheck(args: HealthcheckArgs, env: &dyn Fn(&str) -> Option<String>) -> E
             ExitCode::from(1)
         }
     }
+}
+
+/// `top`: the live view of a router, until q.
+fn top(args: TopArgs, env: &dyn Fn(&str) -> Option<String>) -> ExitCode {
+    let url = match cli::top_url(&args, env) {
+        Ok(url) => url,
+        Err(e) => {
+            eprintln!("vllm-router top: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let key = args.api_key.or_else(|| env("API_KEY")).map(Secret::new);
+    vllm_router::control::top::run(&url, key)
 }
 
 /// `run`: loads the config (refusing to start on a bad one), serves, and shuts down

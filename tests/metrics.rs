@@ -613,7 +613,15 @@ fn metrics_count_exactly_what_was_sent() {
     // Labels are bounded: config URLs, listed models, fixed names. Never a request
     // id, a path, a query or a model no backend lists.
     let allowed: BTreeSet<&str> = [
-        "backend", "model", "status", "reason", "result", "le", "version",
+        "backend",
+        "model",
+        "status",
+        "reason",
+        "result",
+        "le",
+        "version",
+        "source",
+        "finish_reason",
     ]
     .into();
     for s in &e.samples {

@@ -25,6 +25,8 @@ mod health;
 mod metrics;
 /// Live operations: hot reload, signals, graceful shutdown, logs.
 mod operations;
+/// What operators see: request-level metrics from the SSE events, traces, `top`.
+mod operators;
 /// Property tests of the parsing front (config, framing, model lookup, key check).
 mod properties;
 /// Relaying: method, path, query, headers, bodies and backend errors, unchanged.

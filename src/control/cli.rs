@@ -26,6 +26,7 @@ pub enum Command {
     Run(RunArgs),
     CheckConfig(CheckConfigArgs),
     Healthcheck(HealthcheckArgs),
+    Top(TopArgs),
 }
 
 #[derive(FromArgs, Debug, Default)]
@@ -80,6 +81,43 @@ pub struct HealthcheckArgs {
     pub timeout: f64,
 }
 
+#[derive(FromArgs, Debug, Default)]
+/// A live view of a running router in the terminal: backends, load, TTFT, tokens,
+/// the queue and rejections, refreshed every second. q quits.
+#[argh(subcommand, name = "top")]
+pub struct TopArgs {
+    /// the router's URL (default http://127.0.0.1:PORT, PORT from the env or 8888)
+    #[argh(option)]
+    pub url: Option<String>,
+    /// API key for protected status endpoints (env API_KEY, which keeps it out of ps)
+    #[argh(option)]
+    pub api_key: Option<String>,
+}
+
+/// The router `top` watches: `--url`, else 127.0.0.1 at PORT, else 8888 (PORT=0, any
+/// free port, cannot be watched and falls back to 8888).
+pub fn top_url(args: &TopArgs, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    if let Some(url) = &args.url {
+        if !(url.starts_with("http://") || url.starts_with("https://")) {
+            return Err(format!("--url {url:?} must start with http:// or https://"));
+        }
+        return Ok(url.clone());
+    }
+    let port = match env("PORT") {
+        Some(p) => p
+            .trim()
+            .parse::<u16>()
+            .map_err(|_| format!("PORT={p:?} is not a port number (0 to 65535)"))?,
+        None => Settings::DEFAULT_PORT,
+    };
+    let port = if port == 0 {
+        Settings::DEFAULT_PORT
+    } else {
+        port
+    };
+    Ok(format!("http://127.0.0.1:{port}"))
+}
+
 /// The URL `healthcheck` probes: `--url`, else `/livez` on 127.0.0.1 at `--port`, else
 /// PORT, else 8888. PORT=0 (any free port) cannot be probed and falls back to 8888.
 pub fn healthcheck_url(
@@ -110,9 +148,9 @@ pub fn healthcheck_url(
 pub fn with_default_subcommand(args: &[String]) -> Vec<String> {
     let needs_run = match args.first().map(String::as_str) {
         None => true,
-        Some("run" | "check-config" | "healthcheck" | "help" | "--help" | "-h" | "--version") => {
-            false
-        }
+        Some(
+            "run" | "check-config" | "healthcheck" | "top" | "help" | "--help" | "-h" | "--version",
+        ) => false,
         Some(_) => true,
     };
     let mut out = Vec::with_capacity(args.len() + 1);
@@ -298,6 +336,33 @@ mod tests {
         };
         assert_eq!(url(&full, env_of(&[])), "http://[::1]:8888/readyz");
         assert!(healthcheck_url(&none, &env_of(&[("PORT", "x")])).is_err());
+    }
+
+    #[test]
+    fn top_watches_loopback_at_port_unless_told_a_url() {
+        let none = TopArgs::default();
+        let url = |a: &TopArgs, e| top_url(a, &e).expect("valid");
+        assert_eq!(url(&none, env_of(&[])), "http://127.0.0.1:8888");
+        assert_eq!(
+            url(&none, env_of(&[("PORT", "9000")])),
+            "http://127.0.0.1:9000"
+        );
+        assert_eq!(
+            url(&none, env_of(&[("PORT", "0")])),
+            "http://127.0.0.1:8888"
+        );
+        let given = TopArgs {
+            url: Some("http://10.0.0.5:8888/".into()),
+            ..TopArgs::default()
+        };
+        assert_eq!(url(&given, env_of(&[])), "http://10.0.0.5:8888/");
+        let bad = TopArgs {
+            url: Some("10.0.0.5:8888".into()),
+            ..TopArgs::default()
+        };
+        assert!(top_url(&bad, &env_of(&[])).is_err());
+        assert!(top_url(&none, &env_of(&[("PORT", "x")])).is_err());
+        assert_eq!(with_default_subcommand(&["top".into()]), ["top"]);
     }
 
     #[test]

@@ -20,6 +20,7 @@ use std::time::Duration;
 use parking_lot::Mutex;
 
 use crate::backend::registry::TableView;
+use crate::control::generation_metrics::GenerationMetrics;
 use crate::request::access::Access;
 use crate::request::pick::Reason;
 
@@ -47,6 +48,8 @@ const BUCKETS: [f64; 16] = [
 #[derive(Default)]
 pub struct Metrics {
     registry: Mutex<Registry>,
+    /// TTFT, tokens and the rest, from the replies' content (`control::generation_metrics`).
+    generation: GenerationMetrics,
 }
 
 #[derive(Default)]
@@ -98,13 +101,9 @@ impl Metrics {
         let Some(backend) = access.backend.clone() else {
             return;
         };
-        let model = match &access.model {
-            Some(m) if known_model => m.clone(),
-            Some(_) => "other".to_owned(),
-            None => "none".to_owned(),
-        };
+        let model = model_label(access, known_model);
         *r.requests
-            .entry((backend.clone(), model, status_class(access.status)))
+            .entry((backend.clone(), model.clone(), status_class(access.status)))
             .or_default() += 1;
         r.duration
             .entry(backend.clone())
@@ -115,7 +114,12 @@ impl Metrics {
         }
         r.queue_wait.observe(access.queue_wait);
         if access.retries > 0 {
-            *r.retries.entry(backend).or_default() += u64::from(access.retries);
+            *r.retries.entry(backend.clone()).or_default() += u64::from(access.retries);
+        }
+        drop(r);
+        if let Some(generation) = &access.generation {
+            self.generation
+                .observe(&model, &backend, access.elapsed(), generation);
         }
     }
 
@@ -402,7 +406,18 @@ impl Metrics {
                 n as f64,
             );
         }
+        self.generation.render(&mut out);
         out
+    }
+}
+
+/// A request's model as a label value: only models some backend lists, so a client
+/// cannot grow the label set.
+fn model_label(access: &Access, known_model: bool) -> String {
+    match &access.model {
+        Some(m) if known_model => m.clone(),
+        Some(_) => "other".to_owned(),
+        None => "none".to_owned(),
     }
 }
 
@@ -417,12 +432,12 @@ fn status_class(status: u16) -> &'static str {
     }
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+pub(crate) fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     let _ = writeln!(out, "# HELP {name} {help}");
     let _ = writeln!(out, "# TYPE {name} {kind}");
 }
 
-fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: f64) {
+pub(crate) fn sample(out: &mut String, name: &str, labels: &[(&str, &str)], value: f64) {
     out.push_str(name);
     if !labels.is_empty() {
         out.push('{');

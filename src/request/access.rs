@@ -9,6 +9,9 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use crate::request::generation::Summary;
+use crate::request::trace::Trace;
+
 /// The header that carries the request id, in both directions.
 pub const REQUEST_ID_HEADER: &str = "X-Request-Id";
 
@@ -33,6 +36,10 @@ pub struct Access {
     pub rejected: Option<&'static str>,
     /// How cache-aware routing chose the backend, when it did.
     pub route: Option<Routed>,
+    /// The request's W3C trace (`request::trace`), once its head was read.
+    pub trace: Option<Trace>,
+    /// What the backend's reply said about its generation, once relayed.
+    pub generation: Option<Summary>,
     started: Instant,
 }
 
@@ -66,8 +73,15 @@ impl Access {
             outcome: "complete",
             rejected: None,
             route: None,
+            trace: None,
+            generation: None,
             started: Instant::now(),
         }
+    }
+
+    /// When the request arrived.
+    pub fn started(&self) -> Instant {
+        self.started
     }
 
     pub fn elapsed(&self) -> Duration {
@@ -97,9 +111,20 @@ impl Access {
         let route = self.route.map_or("-", |r| r.reason);
         let matched_blocks = self.route.map_or(-1, |r| i64::from(r.matched_blocks));
         let prompt_blocks = self.route.map_or(-1, |r| r.prompt_blocks as i64);
+        let trace_id = self.trace.as_ref().map_or("-", |t| t.trace_id.as_str());
+        let generation = self.generation.as_ref();
+        let ttft = generation.and_then(Summary::ttft).map_or(-1.0, ms);
+        let tokens = |n: Option<u64>| n.map_or(-1, |n| n as i64);
+        let prompt_tokens = tokens(generation.and_then(|g| g.usage).map(|u| u.prompt_tokens));
+        let completion_tokens = tokens(
+            generation
+                .and_then(Summary::completion_tokens)
+                .map(|(n, _)| n),
+        );
         log::info!(
             target: crate::control::logging::ACCESS_TARGET,
             request_id = self.request_id.as_str(),
+            trace_id = trace_id,
             method = self.method.as_str(),
             path = self.path.as_str(),
             model = model,
@@ -108,7 +133,10 @@ impl Access {
             retries = self.retries,
             queue_wait_ms = ms(self.queue_wait),
             ttfb_ms = ttfb.unwrap_or(-1.0),
+            ttft_ms = ttft,
             duration_ms = duration,
+            prompt_tokens = prompt_tokens,
+            completion_tokens = completion_tokens,
             bytes_out = self.bytes_out,
             stream = self.stream,
             outcome = self.outcome,

@@ -31,10 +31,12 @@ use crate::request::access::{self, Access};
 use crate::request::auth::{self, Verdict};
 use crate::request::error::RouterError;
 use crate::request::exchange::{is_backend_failure, Exchange};
+use crate::request::generation::Observer;
 use crate::request::headers;
 use crate::request::prefix;
 use crate::request::queue::Want;
 use crate::request::route;
+use crate::request::trace::Trace;
 use crate::request::{query, stored, tunnel, upload, websocket};
 use crate::shared::Shared;
 
@@ -68,6 +70,7 @@ pub fn handle(mut request: Request, shared: &Arc<Shared>) {
         &request.head.target,
         request.head.header(access::REQUEST_ID_HEADER),
     );
+    access.trace = Some(Trace::of_request(&request.head.headers));
     // The backend connection the request uses is recorded, so that the connection
     // thread can stop it when the client leaves (`client::handoff`).
     let call = Arc::clone(request.ticket().backend_call());
@@ -128,6 +131,9 @@ fn proxy(request: &mut Request, shared: &Arc<Shared>, access: &mut Access) {
         }
     }
     access.tag(&mut upstream);
+    if let Some(trace) = &access.trace {
+        trace.apply(&mut upstream);
+    }
     let target = request.head.target.clone();
     if websocket {
         if request.head.has_body() {
@@ -519,7 +525,10 @@ fn relay_response(
         return End::ClientGone;
     }
     let mut buf = vec![0u8; READ_BUF];
-    let mut events = access.stream.then(ErrorEvents::default);
+    let json = status == 200
+        && headers::find(&out_headers, "content-type")
+            .is_some_and(|ct| ct.starts_with("application/json"));
+    let mut observer = Observer::new(access.started(), access.stream, json);
     let end = loop {
         let n = if no_body {
             Ok(0)
@@ -531,7 +540,7 @@ fn relay_response(
                 call.forget();
                 break if writer.finish_body().is_err() {
                     End::ClientGone
-                } else if events.is_some_and(|e| e.seen) {
+                } else if observer.error_event() {
                     End::ErrorEvent
                 } else {
                     End::Complete
@@ -542,9 +551,7 @@ fn relay_response(
             // generating.
             Ok(n) => {
                 received += n as u64;
-                if let Some(events) = &mut events {
-                    events.scan(&buf[..n]);
-                }
+                observer.observe(&buf[..n], Instant::now());
                 if let Some(tap) = tap.as_deref_mut() {
                     tap(&buf[..n]);
                 }
@@ -564,64 +571,6 @@ fn relay_response(
     };
     access.bytes_out = writer.bytes_out();
     access.first_byte = writer.first_byte();
+    access.generation = Some(observer.finish());
     end
-}
-
-/// Watches a relayed SSE stream for an error event: a `data:` line whose JSON is an
-/// error (`{"error": ...}`, or vLLM's older `{"object": "error", ...}`). Only the start
-/// of each line is looked at, and a token's text cannot start a line (it is inside a
-/// JSON string, where a newline is escaped), so a reply that merely mentions an error
-/// does not count.
-#[derive(Default)]
-struct ErrorEvents {
-    /// The start of a line the last read cut off, when it was too short to tell.
-    carry: Vec<u8>,
-    seen: bool,
-}
-
-impl ErrorEvents {
-    /// Enough of a line to tell: `data: {"object": "error"` with a space to spare.
-    const TELL: usize = 28;
-
-    fn scan(&mut self, bytes: &[u8]) {
-        if self.seen {
-            return;
-        }
-        let mut lines = bytes.split(|&b| b == b'\n').peekable();
-        while let Some(piece) = lines.next() {
-            let last = lines.peek().is_none();
-            let line: std::borrow::Cow<[u8]> = if self.carry.is_empty() {
-                piece.into()
-            } else {
-                let mut joined = std::mem::take(&mut self.carry);
-                joined.extend_from_slice(piece);
-                joined.into()
-            };
-            if last && line.len() < Self::TELL {
-                self.carry = line.into_owned();
-                return;
-            }
-            if is_error_event(&line) {
-                self.seen = true;
-                return;
-            }
-        }
-    }
-}
-
-fn is_error_event(line: &[u8]) -> bool {
-    let Some(object) = line
-        .strip_prefix(b"data:")
-        .and_then(|d| d.trim_ascii_start().strip_prefix(b"{"))
-    else {
-        return false;
-    };
-    let object = object.trim_ascii_start();
-    if object.starts_with(br#""error""#) {
-        return true;
-    }
-    object
-        .strip_prefix(br#""object""#)
-        .and_then(|rest| rest.trim_ascii_start().strip_prefix(b":"))
-        .is_some_and(|value| value.trim_ascii_start().starts_with(br#""error""#))
 }

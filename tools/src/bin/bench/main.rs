@@ -359,7 +359,10 @@ fn stream_run(target: &Target, streams: usize) -> Result<Streaming, String> {
         // Twice the grace: a connection that waited out a full backlog starts late.
         deadline: Instant::now() + STREAM_RAMP + streaming + 2 * GRACE,
     };
+    let cpu = |pids: &[u32]| pids.iter().map(|&p| procfs::cpu_us(p)).sum::<u64>();
+    let cpu_before = cpu(&target.proxy_pids);
     let rec = Load::connect(target.addr, vec![request], starts, plan)?.run()?;
+    let cpu_used = cpu(&target.proxy_pids).saturating_sub(cpu_before) as f64;
     let mut delays = rec.event_delays_us;
     delays.sort_unstable();
     let mut first = rec.first_event_us;
@@ -374,6 +377,8 @@ fn stream_run(target: &Target, streams: usize) -> Result<Streaming, String> {
         delay_max_us: delays.last().copied().unwrap_or(0) as f64,
         first_event_p50_ms: percentile(&first, 0.5) / 1e3,
         first_event_p99_ms: percentile(&first, 0.99) / 1e3,
+        proxy_cpu_us_per_event: (!target.proxy_pids.is_empty() && !delays.is_empty())
+            .then(|| cpu_used / delays.len() as f64),
         errors: rec.errors.clone(),
     })
 }

@@ -135,7 +135,7 @@ pub(crate) fn print_throughput(r: &Report) {
 }
 
 pub(crate) fn print_streaming(r: &Report) {
-    println!("\n2. Streams: {TOKENS_PER_STREAM} events each, {TOKEN_GAP_MS} ms apart; delay = arrival - mock's sent_us; added = minus direct's");
+    println!("\n2. Streams: {TOKENS_PER_STREAM} events each, {TOKEN_GAP_MS} ms apart; delay = arrival - mock's sent_us; added = minus direct's; CPU us/event = the proxy's CPU time over the run per event relayed");
     let mut t = Table::new(&[
         "target",
         "streams",
@@ -147,6 +147,7 @@ pub(crate) fn print_streaming(r: &Report) {
         "added p99 us",
         "1st event p50 ms",
         "1st event p99 ms",
+        "CPU us/event",
         "errors",
     ]);
     for s in &r.streaming {
@@ -165,6 +166,7 @@ pub(crate) fn print_streaming(r: &Report) {
             fmt_opt(base.map(|b| s.delay_p99_us - b.delay_p99_us), 0),
             format!("{:.2}", s.first_event_p50_ms),
             format!("{:.2}", s.first_event_p99_ms),
+            fmt_opt(s.proxy_cpu_us_per_event, 1),
             s.errors.to_string(),
         ]);
     }

@@ -243,18 +243,22 @@ pub(crate) struct Streaming {
     pub(crate) delay_max_us: f64,
     pub(crate) first_event_p50_ms: f64,
     pub(crate) first_event_p99_ms: f64,
+    /// The proxy's CPU time over the whole run (streams opened, relayed, closed) per
+    /// event relayed; none for direct.
+    pub(crate) proxy_cpu_us_per_event: Option<f64>,
     pub(crate) errors: Errors,
 }
 
 impl Streaming {
     pub(crate) fn summary(&self) -> String {
         format!(
-            "{:<6} {:>4} streams: delay p50 {:>5.0} us  p99 {:>6.0} us  first event p50 {:.1} ms  events {}/{}  errors {}",
+            "{:<6} {:>4} streams: delay p50 {:>5.0} us  p99 {:>6.0} us  first event p50 {:.1} ms  CPU/event {} us  events {}/{}  errors {}",
             self.target,
             self.streams,
             self.delay_p50_us,
             self.delay_p99_us,
             self.first_event_p50_ms,
+            fmt_opt(self.proxy_cpu_us_per_event, 1),
             self.events,
             self.expected_events,
             self.errors

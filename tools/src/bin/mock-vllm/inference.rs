@@ -8,6 +8,10 @@ pub(crate) struct Hooks {
     pub(crate) tokens: Option<u64>,
     pub(crate) delay_ms: u64,
     pub(crate) first_byte_ms: u64,
+    /// Delay from the head to the first token of a stream, instead of `delay_ms`.
+    pub(crate) first_token_ms: Option<u64>,
+    /// Open a chat stream with a role-only chunk, as vLLM does.
+    pub(crate) role_chunk: bool,
     pub(crate) status: Option<u16>,
 }
 
@@ -25,6 +29,10 @@ pub(crate) fn hooks(head: &Head, st: &State) -> Result<Hooks, String> {
         tokens: num("x-mock-tokens")?.map(|n| n.min(MAX_TOKENS)),
         delay_ms: num("x-mock-delay-ms")?.unwrap_or(st.cfg.delay_ms),
         first_byte_ms: num("x-mock-first-byte-delay-ms")?.unwrap_or(0),
+        first_token_ms: num("x-mock-first-token-ms")?.or(st.cfg.first_token_ms),
+        role_chunk: head
+            .header("x-mock-role-chunk")
+            .is_some_and(|v| v.trim() == "1"),
         status,
     })
 }
@@ -39,12 +47,24 @@ pub(crate) struct Gen {
     pub(crate) delay: Duration,
     /// The prefill of the prompt's uncached part, before the first token.
     pub(crate) prefill: Duration,
+    pub(crate) first_delay: Duration,
+    pub(crate) role_chunk: bool,
+    /// `length` when `max_tokens` ended the generation, else `stop`.
+    pub(crate) finish: &'static str,
+    /// Prompt tokens, when the stream ends with a usage event (`stream_options.include_usage`).
+    pub(crate) usage: Option<u64>,
 }
 
 impl Gen {
     /// `object` and `choices[0]` shaped as vLLM shapes them for this endpoint.
-    pub(crate) fn choice(&self, text: String, stream: bool) -> (&'static str, Value) {
-        let finish = if stream { Value::Null } else { json!("stop") };
+    /// `last` is the stream's last token, which carries the finish reason (a JSON reply
+    /// always does).
+    pub(crate) fn choice(&self, text: String, stream: bool, last: bool) -> (&'static str, Value) {
+        let finish = if stream && !last {
+            Value::Null
+        } else {
+            json!(self.finish)
+        };
         let (object, mut choice) = match (self.chat, stream) {
             (true, false) => (
                 "chat.completion",
@@ -129,6 +149,11 @@ pub(crate) fn inference(c: &mut Conn, req: &Request, path: &str) -> io::Result<(
         .and_then(Value::as_str)
         .unwrap_or(st.default_model());
     let kind = if chat { "chatcmpl" } else { "cmpl" };
+    let by_max_tokens = h.tokens.is_none() && max_tokens.and_then(Value::as_u64).is_some();
+    let include_usage = body
+        .pointer("/stream_options/include_usage")
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
     let g = Gen {
         chat,
         rid: format!("{kind}-{}-{seq}", st.id),
@@ -140,6 +165,10 @@ pub(crate) fn inference(c: &mut Conn, req: &Request, path: &str) -> io::Result<(
             .min(MAX_TOKENS),
         delay: Duration::from_millis(h.delay_ms),
         prefill: st.prefix.prefill(chat, &body),
+        first_delay: Duration::from_millis(h.first_token_ms.unwrap_or(h.delay_ms)),
+        role_chunk: h.role_chunk && chat,
+        finish: if by_max_tokens { "length" } else { "stop" },
+        usage: include_usage.then_some(req.body.len() as u64 / 4),
     };
     if body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
         return stream(c, guard, &g);
@@ -179,7 +208,7 @@ pub(crate) fn completion(st: &State, g: &Gen, prompt: u64) -> Resp {
         .map(|i| format!("tok{i}"))
         .collect::<Vec<_>>()
         .join(" ");
-    let (object, choice) = g.choice(text, false);
+    let (object, choice) = g.choice(text, false, true);
     let v = json!({
         "id": g.rid,
         "object": object,
@@ -210,10 +239,28 @@ pub(crate) fn stream(c: &mut Conn, guard: InFlight, g: &Gen) -> io::Result<()> {
     );
     c.out.write_all(&head).map_err(aborted)?;
     thread::sleep(g.prefill);
+    let event = |choices: Value| {
+        json!({
+            "id": g.rid,
+            "object": "chat.completion.chunk",
+            "created": g.created,
+            "model": g.model,
+            "backend": st.id,
+            "sent_us": now().as_micros() as u64,
+            "choices": choices,
+        })
+    };
+    if g.role_chunk {
+        let role = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null}]);
+        c.out
+            .write_all(&sse_chunk(&format!("data: {}\n\n", event(role))))
+            .map_err(aborted)?;
+    }
     for i in 0..g.n {
-        // Delay before each token: the head goes out at once, token i at about (i+1) * delay.
-        thread::sleep(g.delay);
-        let (object, choice) = g.choice(format!("tok{i} "), true);
+        // Delay before each token: the head goes out at once, token 0 after the first
+        // delay, token i at about first + i * delay.
+        thread::sleep(if i == 0 { g.first_delay } else { g.delay });
+        let (object, choice) = g.choice(format!("tok{i} "), true, i + 1 == g.n);
         let ev = json!({
             "id": g.rid,
             "object": object,
@@ -227,6 +274,18 @@ pub(crate) fn stream(c: &mut Conn, guard: InFlight, g: &Gen) -> io::Result<()> {
         // One write per event; with nodelay each event is its own chunk and packet.
         c.out
             .write_all(&sse_chunk(&format!("data: {ev}\n\n")))
+            .map_err(aborted)?;
+    }
+    if let Some(prompt) = g.usage {
+        let mut usage = event(json!([]));
+        usage["object"] = json!(if g.chat {
+            "chat.completion.chunk"
+        } else {
+            "text_completion"
+        });
+        usage["usage"] = json!({"prompt_tokens": prompt, "completion_tokens": g.n, "total_tokens": prompt + g.n});
+        c.out
+            .write_all(&sse_chunk(&format!("data: {usage}\n\n")))
             .map_err(aborted)?;
     }
     drop(guard);

@@ -4,7 +4,9 @@
 //! routing, streaming pass-through, error pass-through and failover can be
 //! exercised without GPUs. It is blocking HTTP/1.1 on `std::net`, one thread per
 //! connection, so its timing is predictable and it needs no extra dependencies.
-//! Test hooks: `x-mock-*` request headers force statuses, token counts and delays;
+//! Test hooks: `x-mock-*` request headers force statuses, token counts and delays
+//! (`x-mock-delay-ms` between tokens, `x-mock-first-token-ms` before a stream's first,
+//! `x-mock-role-chunk: 1` for vLLM's role-only opening chunk);
 //! `/mock/*` admin endpoints expose counters, the last request seen and the mode.
 //! Requests carrying `x-mock-tag: NAME` are counted per name in `/mock/stats`
 //! (`tags`), so a test can tell that a kind of request never got here.
@@ -61,6 +63,7 @@ USAGE: mock-vllm [OPTIONS]
   --delay-ms N         delay before each generated token (default 0)
   --prefix-cache-tokens N  tokens of prompts its prefix cache holds (default 0: none)
   --prefill-us-per-token N prefill time per uncached prompt token, in us (default 0)
+  --first-token-ms N   delay before a stream's first token instead (default: --delay-ms)
   --mode ok|fail|hang  initial mode (default ok)
   --fail-status N      status returned in fail mode (default 503)
   --id STRING          backend name put in replies (default mock-<port>)
@@ -85,6 +88,7 @@ struct Config {
     models: Vec<String>,
     tokens: u64,
     delay_ms: u64,
+    first_token_ms: Option<u64>,
     mode: u8,
     fail_status: u16,
     id: Option<String>,
@@ -100,6 +104,7 @@ impl Default for Config {
             models: Vec::new(),
             tokens: 16,
             delay_ms: 0,
+            first_token_ms: None,
             mode: 0,
             fail_status: 503,
             id: None,
@@ -109,8 +114,8 @@ impl Default for Config {
     }
 }
 
-const FLAGS: &str = "--host --port --model --tokens --delay-ms --mode --fail-status --id \
-    --prefix-cache-tokens --prefill-us-per-token";
+const FLAGS: &str = "--host --port --model --tokens --delay-ms --first-token-ms --mode \
+    --fail-status --id --prefix-cache-tokens --prefill-us-per-token";
 
 /// `Ok(None)` means `--help` was asked for.
 fn parse_args(args: &[String]) -> Result<Option<Config>, String> {
@@ -141,6 +146,7 @@ fn parse_args(args: &[String]) -> Result<Option<Config>, String> {
             "--delay-ms" => cfg.delay_ms = num(MAX_DELAY_MS)?,
             "--prefix-cache-tokens" => cfg.prefix_cache_tokens = num(u64::MAX)?,
             "--prefill-us-per-token" => cfg.prefill_us_per_token = num(1_000_000)?,
+            "--first-token-ms" => cfg.first_token_ms = Some(num(MAX_DELAY_MS)?),
             "--mode" => cfg.mode = mode_of(&value).ok_or_else(bad)?,
             "--fail-status" => cfg.fail_status = parse_status(&value).ok_or_else(bad)?,
             _ => cfg.id = Some(value.clone()),
