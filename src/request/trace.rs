@@ -124,6 +124,8 @@ fn random_u64s() -> [u64; 3] {
     [word(0), word(1), word(2)]
 }
 
+/// The getrandom(2) system call itself, not libc's wrapper: the musl of the static build
+/// resolved `libc::getrandom` to a null symbol, and the first traced request crashed it.
 #[allow(unsafe_code)] // getrandom(2): the kernel's random bytes, without a crate for it
 fn fill_random(buf: &mut [u8]) -> bool {
     let mut filled = 0;
@@ -131,7 +133,14 @@ fn fill_random(buf: &mut [u8]) -> bool {
         let rest = &mut buf[filled..];
         // SAFETY: the pointer and length describe `rest`, which stays borrowed for the
         // call; flags 0 blocks only until the pool is first initialised at boot.
-        let n = unsafe { libc::getrandom(rest.as_mut_ptr().cast(), rest.len(), 0) };
+        let n = unsafe {
+            libc::syscall(
+                libc::SYS_getrandom,
+                rest.as_mut_ptr().cast::<libc::c_void>(),
+                rest.len(),
+                0,
+            )
+        };
         if n <= 0 {
             if n < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
                 continue;
