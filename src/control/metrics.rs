@@ -21,6 +21,7 @@ use parking_lot::Mutex;
 
 use crate::backend::registry::TableView;
 use crate::control::generation_metrics::GenerationMetrics;
+use crate::control::histogram::Histogram;
 use crate::request::access::Access;
 use crate::request::pick::Reason;
 
@@ -56,37 +57,33 @@ pub struct Metrics {
 struct Registry {
     /// (backend, model, status class)
     requests: BTreeMap<(String, String, &'static str), u64>,
-    duration: BTreeMap<String, Histogram>,
-    ttfb: BTreeMap<String, Histogram>,
-    queue_wait: Histogram,
+    duration: BTreeMap<String, Timings>,
+    ttfb: BTreeMap<String, Timings>,
+    queue_wait: Timings,
     rejected: BTreeMap<&'static str, u64>,
     retries: BTreeMap<String, u64>,
     /// (backend, "success" | "failure")
     health_checks: BTreeMap<(String, &'static str), u64>,
-    health_check_duration: BTreeMap<String, Histogram>,
+    health_check_duration: BTreeMap<String, Timings>,
     /// "success" | "failure"
     reloads: BTreeMap<&'static str, u64>,
     /// Client connections the router closed itself, by reason.
     connections_closed: BTreeMap<&'static str, u64>,
 }
 
-#[derive(Default, Clone)]
-struct Histogram {
-    counts: [u64; BUCKETS.len()],
-    count: u64,
-    sum: f64,
+/// A request-time histogram, over `BUCKETS`.
+#[derive(Clone)]
+struct Timings(Histogram);
+
+impl Default for Timings {
+    fn default() -> Self {
+        Timings(Histogram::new(&BUCKETS))
+    }
 }
 
-impl Histogram {
+impl Timings {
     fn observe(&mut self, d: Duration) {
-        let secs = d.as_secs_f64();
-        for (bucket, count) in BUCKETS.iter().zip(self.counts.iter_mut()) {
-            if secs <= *bucket {
-                *count += 1;
-            }
-        }
-        self.count += 1;
-        self.sum += secs;
+        self.0.observe(d);
     }
 }
 
@@ -466,26 +463,15 @@ fn escape_label(out: &mut String, v: &str) {
     }
 }
 
-fn histograms(out: &mut String, name: &str, help: &str, by_backend: &BTreeMap<String, Histogram>) {
+fn histograms(out: &mut String, name: &str, help: &str, by_backend: &BTreeMap<String, Timings>) {
     family(out, name, "histogram", help);
     for (backend, h) in by_backend {
         histogram(out, name, &[("backend", backend)], h);
     }
 }
 
-fn histogram(out: &mut String, name: &str, labels: &[(&str, &str)], h: &Histogram) {
-    let bucket = format!("{name}_bucket");
-    for (le, count) in BUCKETS.iter().zip(h.counts.iter()) {
-        let le = le.to_string();
-        let mut with_le = labels.to_vec();
-        with_le.push(("le", &le));
-        sample(out, &bucket, &with_le, *count as f64);
-    }
-    let mut with_le = labels.to_vec();
-    with_le.push(("le", "+Inf"));
-    sample(out, &bucket, &with_le, h.count as f64);
-    sample(out, &format!("{name}_sum"), labels, h.sum);
-    sample(out, &format!("{name}_count"), labels, h.count as f64);
+fn histogram(out: &mut String, name: &str, labels: &[(&str, &str)], h: &Timings) {
+    h.0.write(out, name, labels);
 }
 
 #[cfg(test)]
@@ -494,7 +480,7 @@ mod tests {
 
     #[test]
     fn histogram_buckets_are_cumulative() {
-        let mut h = Histogram::default();
+        let mut h = Timings::default();
         for ms in [3, 30, 3000] {
             h.observe(Duration::from_millis(ms));
         }

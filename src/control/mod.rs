@@ -5,6 +5,7 @@
 pub mod cli;
 pub mod config;
 pub mod generation_metrics;
+pub mod histogram;
 pub mod logging;
 pub mod metrics;
 pub mod reload;

@@ -18,7 +18,8 @@ use std::time::{Duration, Instant};
 use serde::de::{self, IgnoredAny, SeqAccess, Visitor};
 use serde::{Deserialize, Deserializer};
 
-use crate::control::generation_metrics::{Histogram, TOKEN_GAP_BUCKETS};
+use crate::control::generation_metrics::TOKEN_GAP_BUCKETS;
+use crate::control::histogram::Histogram;
 
 /// The longest SSE line looked at; a longer one (an event with huge logprobs) is
 /// relayed but not read.
