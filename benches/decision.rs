@@ -12,15 +12,9 @@ use vllm_router::control::config;
 use vllm_router::request::queue::{Limits, Want};
 use vllm_router::request::{relay, route};
 use vllm_router::shared::Shared;
+use vllm_router_tools::prefix::words;
 
 const CHAT: &str = "/v1/chat/completions";
-
-fn words(seed: &str, bytes: usize) -> String {
-    let w = format!("{seed} lorem ipsum dolor sit amet consectetur; ");
-    let mut s = w.repeat(bytes / w.len() + 1);
-    s.truncate(bytes);
-    s
-}
 
 /// 32 turns of 4 KiB: 128 KiB of text, about 32k tokens.
 fn conversation(seed: &str) -> Vec<u8> {

@@ -108,15 +108,6 @@ fn wait_reload(router: &Router, what: &str, mut cond: impl FnMut() -> bool) {
     }
 }
 
-fn wait_access_entry(router: &Router, request_id: &str) -> Value {
-    let mut found = None;
-    wait_until(SOON, &format!("access entry for {request_id}"), || {
-        found = router.access_entry(request_id);
-        found.is_some()
-    });
-    found.expect("found")
-}
-
 // ---------------------------------------------------------------- streams
 
 /// A streamed chat completion through the router, read event by event.
@@ -575,7 +566,7 @@ fn a_server_removed_and_added_back_starts_afresh_and_nothing_leaks() {
     });
     assert_complete(&stream.finish(), 30, "the stream on the removed B");
     // Its entry is written once its slot is back.
-    wait_access_entry(&router, "old-b");
+    router.wait_access_entry("old-b");
     assert_eq!(
         b.stat("in_flight"),
         1,
@@ -805,7 +796,7 @@ fn a_request_refused_after_waiting_in_line_logs_its_wait_and_its_bytes() {
     );
     assert_eq!(resp.status, 503, "{}", resp.text());
     assert_eq!(resp.json()["error"]["code"], "queue_timeout");
-    let e = wait_access_entry(&router, "waited-in-line");
+    let e = router.wait_access_entry("waited-in-line");
     assert_eq!(e["status"], 503, "{e}");
     assert_eq!(e["outcome"], "queue_timeout", "{e}");
     assert!(
@@ -836,7 +827,7 @@ fn sigusr1_reopens_both_log_files_after_a_rename_and_loses_nothing() {
         assert_eq!(resp.status, 200);
     };
     send("before-rotate");
-    wait_access_entry(&router, "before-rotate");
+    router.wait_access_entry("before-rotate");
 
     for name in [HUMAN_LOG, JSON_LOG] {
         std::fs::rename(dir.join(name), dir.join(format!("{name}.1"))).expect("rename");
@@ -855,7 +846,7 @@ fn sigusr1_reopens_both_log_files_after_a_rename_and_loses_nothing() {
             && read(&dir.join(JSON_LOG)).contains("reopened")
     });
     send("after-reopen");
-    let entry = wait_access_entry(&router, "after-reopen");
+    let entry = router.wait_access_entry("after-reopen");
     assert_eq!(entry["status"], 200);
     wait_until(SOON, "after-reopen in the new human log", || {
         read(&dir.join(HUMAN_LOG)).contains("after-reopen")
@@ -953,8 +944,8 @@ fn the_structured_log_is_json_lines_with_complete_access_entries() {
         br#"{"model":"mock-model","messages":[{"role":"user","content":"hi"}],"stream":true}"#,
     );
     assert_eq!(streamed.status, 200);
-    let e = wait_access_entry(&router, "json-plain");
-    let s = wait_access_entry(&router, "json-stream");
+    let e = router.wait_access_entry("json-plain");
+    let s = router.wait_access_entry("json-stream");
 
     let text = read(&router.log_dir().join(JSON_LOG));
     assert!(text.ends_with('\n'));
@@ -1067,7 +1058,7 @@ fn no_secret_reaches_any_log_file() {
         assert_eq!(resp.status, *expected, "{id}: {}", resp.text());
     }
     for (id, ..) in &cases {
-        wait_access_entry(&router, id);
+        router.wait_access_entry(id);
     }
     assert_eq!(
         router.access_entry("retried").expect("entry")["retries"],
@@ -1124,7 +1115,7 @@ fn the_request_id_is_returned_and_forwarded() {
             "generated id {id:?}"
         );
         assert_eq!(mock.headers_seen("x-request-id"), [id.as_str()]);
-        wait_access_entry(&router, &id);
+        router.wait_access_entry(&id);
         generated.push(id);
     }
     assert!(
@@ -1140,5 +1131,5 @@ fn the_request_id_is_returned_and_forwarded() {
     );
     assert_eq!(resp.status, 404, "{}", resp.text());
     assert_eq!(resp.header("x-request-id"), Some("test-id-43"));
-    assert_eq!(wait_access_entry(&router, "test-id-43")["status"], 404);
+    assert_eq!(router.wait_access_entry("test-id-43")["status"], 404);
 }

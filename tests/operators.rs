@@ -204,12 +204,7 @@ fn stream_metrics_follow_the_content_events_not_the_head() {
     assert_eq!(finish("length"), Some(1.0), "max_tokens ended it");
 
     // The access entry carries the same figures.
-    let mut entry = None;
-    wait_until(SOON, "the access entry", || {
-        entry = router.access_entry("timed");
-        entry.is_some()
-    });
-    let entry = entry.expect("entry");
+    let entry = router.wait_access_entry("timed");
     let ttft_ms = entry["ttft_ms"].as_f64().expect("ttft_ms");
     assert!((300.0..600.0).contains(&ttft_ms), "{entry}");
     assert!(

@@ -7,6 +7,8 @@ use std::collections::HashSet;
 
 use serde_json::{json, Value};
 
+use vllm_router_tools::prefix::{self, words};
+
 use crate::support::*;
 
 /// Mocks with a prefix cache of their own, and a prefill the tests can see.
@@ -29,40 +31,15 @@ fn router_for(mocks: &[Mock], cap: u32, config: &str) -> Router {
     router
 }
 
-/// A mock's `vllm:prefix_cache_queries_total` and `_hits_total`, summed.
-fn cache_counters(mock: &Mock) -> (f64, f64) {
-    let text = request(mock.addr, "GET", "/metrics", &[], b"").text();
-    let sum = |name: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    (
-        sum("vllm:prefix_cache_queries_total"),
-        sum("vllm:prefix_cache_hits_total"),
-    )
-}
-
 fn fleet_hit_rate(mocks: &[Mock]) -> f64 {
-    let (q, h) = mocks
-        .iter()
-        .map(cache_counters)
-        .fold((0.0, 0.0), |(q, h), (a, b)| (q + a, h + b));
-    h / q.max(1.0)
-}
-
-/// A long text unique to `seed`.
-fn text(seed: &str, bytes: usize) -> String {
-    let word = format!("{seed} lorem ipsum dolor sit amet; ");
-    word.repeat(bytes / word.len() + 1)
+    prefix::fleet_hit_rate(mocks.iter().map(|m| m.addr)).expect("the mocks' metrics")
 }
 
 /// Turn `turns` of a conversation: its first message, then question and answer pairs.
 fn conversation(first: &str, turns: usize) -> Value {
     let mut messages = vec![json!({"role": "user", "content": first})];
     for t in 1..turns {
-        messages.push(json!({"role": "assistant", "content": text(&format!("answer {t}"), 600)}));
+        messages.push(json!({"role": "assistant", "content": words(&format!("answer {t}"), 600)}));
         messages.push(json!({"role": "user", "content": format!("and question {t}?")}));
     }
     json!({"messages": messages, "max_tokens": 2})
@@ -83,7 +60,7 @@ fn each_turn_of_a_conversation_goes_where_its_prefix_is_cached() {
     let mocks = cached_mocks(3, &[]);
     let router = router_for(&mocks, 4, "routing = \"cache_aware\"");
     for c in 0..6 {
-        let first = text(&format!("document {c}"), 3000);
+        let first = words(&format!("document {c}"), 3000);
         let home = served_by(router.addr, &[], &conversation(&first, 1));
         for turn in 2..=4 {
             assert_eq!(
@@ -102,7 +79,7 @@ fn each_turn_of_a_conversation_goes_where_its_prefix_is_cached() {
 fn key_order_spacing_and_sampling_parameters_do_not_move_a_conversation() {
     let mocks = cached_mocks(3, &[]);
     let router = router_for(&mocks, 4, "");
-    let first = text("a long question", 4000);
+    let first = words("a long question", 4000);
     let home = served_by(router.addr, &[], &conversation(&first, 1));
     // The same conversation, keys in another order, spaced, other sampling parameters.
     let reordered = format!(
@@ -113,12 +90,7 @@ fn key_order_spacing_and_sampling_parameters_do_not_move_a_conversation() {
     let resp = post(router.addr, &[("X-Request-Id", "reordered")], &reordered);
     assert_eq!(resp.status, 200);
     assert_eq!(resp.json()["backend"], home.as_str());
-    let mut entry = None;
-    wait_until(SOON, "the access entry", || {
-        entry = router.access_entry("reordered");
-        entry.is_some()
-    });
-    let entry = entry.expect("entry");
+    let entry = router.wait_access_entry("reordered");
     assert_eq!(entry["route"], "prefix", "{entry}");
     let (matched, blocks) = (&entry["matched_blocks"], &entry["prompt_blocks"]);
     assert!(matched.as_i64() > Some(20) && matched == blocks, "{entry}");
@@ -128,7 +100,7 @@ fn key_order_spacing_and_sampling_parameters_do_not_move_a_conversation() {
 fn a_hot_prefix_spreads_over_every_backend_and_never_exceeds_the_cap() {
     let mocks = cached_mocks(3, &["--delay-ms", "20", "--tokens", "10"]);
     let router = router_for(&mocks, 2, "routing = \"cache_aware\"\nqueue_timeout = 30");
-    let hot = conversation(&text("one system prompt for everyone", 4000), 1).to_string();
+    let hot = conversation(&words("one system prompt for everyone", 4000), 1).to_string();
     let clients: Vec<_> = (0..24)
         .map(|_| {
             let (addr, body) = (router.addr, hot.clone());
@@ -148,7 +120,7 @@ fn a_hot_prefix_spreads_over_every_backend_and_never_exceeds_the_cap() {
 fn a_request_never_waits_for_its_cached_backend_while_another_has_room() {
     let mocks = cached_mocks(2, &[]);
     let router = router_for(&mocks, 1, "queue_timeout = 30");
-    let prompt = conversation(&text("cached", 4000), 1);
+    let prompt = conversation(&words("cached", 4000), 1);
     let home = served_by(router.addr, &[], &prompt);
     // Its backend's only slot is taken by a slow request with the same prompt.
     let slow = {
@@ -170,12 +142,7 @@ fn a_request_never_waits_for_its_cached_backend_while_another_has_room() {
         "the other backend had room"
     );
     assert_eq!(slow.join().expect("slow").json()["backend"], home.as_str());
-    let mut entry = None;
-    wait_until(SOON, "the access entry", || {
-        entry = router.access_entry("not-waiting");
-        entry.is_some()
-    });
-    let entry = entry.expect("entry");
+    let entry = router.wait_access_entry("not-waiting");
     assert_eq!(entry["queue_wait_ms"], 0.0, "{entry}");
     assert_eq!(entry["route"], "load", "{entry}");
 }
@@ -197,7 +164,7 @@ fn a_session_sticks_to_its_backend_moves_when_it_is_busy_and_sticks_again() {
     // A session wins over a prefix held elsewhere.
     let (elsewhere, other) = (0..32)
         .find_map(|k| {
-            let prompt = conversation(&text(&format!("held elsewhere {k}"), 4000), 1);
+            let prompt = conversation(&words(&format!("held elsewhere {k}"), 4000), 1);
             let backend = served_by(router.addr, &[], &prompt);
             (backend != home).then_some((prompt, backend))
         })
@@ -250,7 +217,7 @@ fn two_replicas_send_a_new_conversation_or_session_to_the_same_backend() {
     let b = router_for(&mocks, 4, "");
     let mut used = HashSet::new();
     for c in 0..12 {
-        let first = text(&format!("conversation {c} starts here"), 2000);
+        let first = words(&format!("conversation {c} starts here"), 2000);
         let home = served_by(a.addr, &[], &conversation(&first, 1));
         // Replica b never saw it: it ranks the backends the same way.
         assert_eq!(
@@ -272,7 +239,7 @@ fn two_replicas_send_a_new_conversation_or_session_to_the_same_backend() {
 fn routing_shows_in_load_stats_metrics_and_the_access_log() {
     let mocks = cached_mocks(2, &[]);
     let router = router_for(&mocks, 4, "");
-    let first = text("visible", 3000);
+    let first = words("visible", 3000);
     let resp = post(
         router.addr,
         &[("X-Request-Id", "turn-1")],
@@ -315,14 +282,7 @@ fn routing_shows_in_load_stats_metrics_and_the_access_log() {
         metrics.contains("vllm_router_backend_prefix_blocks{"),
         "{metrics}"
     );
-    let mut entries = Vec::new();
-    wait_until(SOON, "both access entries", || {
-        entries = ["turn-1", "turn-2"]
-            .iter()
-            .filter_map(|id| router.access_entry(id))
-            .collect();
-        entries.len() == 2
-    });
+    let entries = ["turn-1", "turn-2"].map(|id| router.wait_access_entry(id));
     assert_eq!(
         (&entries[0]["route"], &entries[1]["route"]),
         (&json!("load"), &json!("prefix"))
@@ -335,7 +295,7 @@ fn routing_shows_in_load_stats_metrics_and_the_access_log() {
 fn least_loaded_routing_ignores_prefixes_and_sessions() {
     let mocks = cached_mocks(2, &[]);
     let router = router_for(&mocks, 4, "routing = \"least_loaded\"");
-    let body = conversation(&text("same every time", 3000), 1);
+    let body = conversation(&words("same every time", 3000), 1);
     let session = [("X-Session-ID", "s")];
     let seen: HashSet<String> = (0..4)
         .map(|_| served_by(router.addr, &session, &body))
@@ -359,16 +319,9 @@ fn a_reload_keeps_the_index_of_a_server_that_stays_and_a_new_size_empties_it() {
     };
     let router = Router::start(&config(&[&mocks[0], &mocks[1]], 1 << 20));
     router.wait_all_healthy();
-    let prompt = conversation(&text("kept across reloads", 3000), 1);
+    let prompt = conversation(&words("kept across reloads", 3000), 1);
     served_by(router.addr, &[], &prompt);
-    let blocks = |router: &Router| -> Vec<u64> {
-        router.get_json("/load-stats")["servers"]
-            .as_array()
-            .expect("servers")
-            .iter()
-            .map(|s| s["prefix_blocks"].as_u64().expect("blocks"))
-            .collect()
-    };
+    let blocks = |router: &Router| router.per_server("prefix_blocks");
     let before = blocks(&router);
     assert!(before.iter().sum::<u64>() > 20, "{before:?}");
     router.replace_config(&config(&[&mocks[0], &mocks[1], &extra], 1 << 20));

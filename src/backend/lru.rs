@@ -111,6 +111,7 @@ impl<V: Copy> HashLru<V> {
     }
 
     /// The memory it has taken so far, in bytes (same accounting as `bound_bytes`).
+    #[cfg(test)]
     pub fn heap_bytes(&self) -> usize {
         self.nodes.capacity() * std::mem::size_of::<Node<V>>() + table_bytes(self.map.capacity())
     }

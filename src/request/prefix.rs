@@ -58,12 +58,6 @@ pub fn parse(route: &str, body: &[u8]) -> serde_json::Result<Parsed> {
     }
 }
 
-/// The chained block hashes of the prompt of a request to `route`, or none when the
-/// route has no prompt or the body is not one.
-pub fn blocks(route: &str, body: &[u8]) -> Vec<u64> {
-    parse(route, body).map(|p| p.blocks).unwrap_or_default()
-}
-
 /// Field separators of the canonical form: a part can never run into the next and
 /// make a different prompt hash the same.
 const TOOLS: u8 = 1;
@@ -377,6 +371,12 @@ fn parse_messages(body: &[u8]) -> serde_json::Result<Parsed> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// The chained block hashes of the prompt of a request to `route`, or none when the
+    /// route has no prompt or the body is not one.
+    fn blocks(route: &str, body: &[u8]) -> Vec<u64> {
+        parse(route, body).map(|p| p.blocks).unwrap_or_default()
+    }
 
     fn chat(mut body: Value) -> Vec<u64> {
         body["model"] = json!("m");

@@ -3,7 +3,9 @@
 //!
 //! The head is already parsed and checked (`client::head`). The API-key check
 //! (`auth::check`) → `Request::read_body` (size limit, body budget) →
-//! `requested_model` → `Exchange::forward` (`request::exchange`: admit a slot or wait
+//! `requested` (the model, and for cache-aware routing the prompt's blocks, which
+//! `route::plan` turns into the request's `Route`) → `Exchange::forward`
+//! (`request::exchange`: admit a slot or wait
 //! in line, send with ureq, retry elsewhere while it is safe) → `relay_response`
 //! (head, then one chunk per backend read, flushed) → the `Slot` drops and the
 //! backend's slot is free again; `finish` counts the request and logs it, once.

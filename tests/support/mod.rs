@@ -336,11 +336,17 @@ impl Router {
 
     /// The router's in-flight count per backend, from /load-stats.
     pub fn in_flight(&self) -> Vec<u64> {
+        self.per_server("in_flight")
+    }
+
+    /// One whole-number figure of each backend in /load-stats (`in_flight`,
+    /// `prefix_blocks`...), in the config's order.
+    pub fn per_server(&self, key: &str) -> Vec<u64> {
         self.get_json("/load-stats")["servers"]
             .as_array()
             .expect("servers")
             .iter()
-            .map(|s| s["in_flight"].as_u64().expect("in_flight"))
+            .map(|s| s[key].as_u64().unwrap_or_else(|| panic!("{key} in {s}")))
             .collect()
     }
 
@@ -522,6 +528,16 @@ impl Router {
         self.structured_log()
             .into_iter()
             .find(|e| e["target"] == "access" && e["request_id"] == request_id)
+    }
+
+    /// The access-log entry with this request id, once it is written (within `SOON`).
+    pub fn wait_access_entry(&self, request_id: &str) -> serde_json::Value {
+        let mut found = None;
+        wait_until(SOON, &format!("access entry for {request_id}"), || {
+            found = self.access_entry(request_id);
+            found.is_some()
+        });
+        found.expect("found")
     }
 }
 

@@ -4,5 +4,6 @@
 
 pub mod hostile;
 pub mod http;
+pub mod prefix;
 pub mod process;
 pub mod procfs;

@@ -259,11 +259,7 @@ pub(crate) fn print_targets(r: &Report) {
     println!("\nTargets (issue 7)");
     let mut t = Table::new(&["target", "value", "limit", "result"]);
     for c in &r.targets {
-        let result = match c.met {
-            Some(true) => "met",
-            Some(false) => "MISSED",
-            None => "not measured",
-        };
+        let result = verdict(c.met);
         t.row(vec![
             c.target.clone(),
             fmt_opt(c.value, 2),
@@ -272,6 +268,15 @@ pub(crate) fn print_targets(r: &Report) {
         ]);
     }
     t.print();
+}
+
+/// How a target came out: met, missed, or not measured (`None`).
+pub(crate) fn verdict(met: Option<bool>) -> &'static str {
+    match met {
+        Some(true) => "met",
+        Some(false) => "MISSED",
+        None => "not measured",
+    }
 }
 
 /// The `q` quantile of sorted samples (nearest rank), 0 when there are none.

@@ -15,6 +15,7 @@
 use crate::*;
 use serde_json::{json, Value};
 use std::sync::Mutex;
+use vllm_router_tools::prefix::{self, words};
 
 const MOCKS: usize = 4;
 const CAP: usize = 16;
@@ -64,13 +65,6 @@ struct Workload {
     conversations: Vec<Vec<Turn>>,
     working_set_tokens: u64,
     clients: usize,
-}
-
-fn words(seed: &str, bytes: usize) -> String {
-    let w = format!("{seed} lorem ipsum dolor sit amet consectetur; ");
-    let mut s = w.repeat(bytes / w.len() + 1);
-    s.truncate(bytes);
-    s
 }
 
 fn chat(messages: &[Value]) -> String {
@@ -184,26 +178,28 @@ pub(crate) fn routing_part(env: &Env) -> Result<RoutingReport, String> {
     Ok(report)
 }
 
+/// `MOCKS` mocks started with `args`.
+fn mocks(env: &Env, tag: &str, args: &[&str]) -> Result<Vec<Mock>, String> {
+    (0..MOCKS)
+        .map(|i| env.mock_with(&format!("{tag}-mock-{i}"), args))
+        .collect()
+}
+
+/// The mocks of a workload run: prefix caches of `cache_tokens`, a prefill, and a decode.
 fn fleet(env: &Env, tag: &str, cache_tokens: u64) -> Result<Vec<Mock>, String> {
     let cache = cache_tokens.to_string();
     let prefill = PREFILL_US_PER_TOKEN.to_string();
-    (0..MOCKS)
-        .map(|i| {
-            env.mock_with(
-                &format!("{tag}-mock-{i}"),
-                &[
-                    "--prefix-cache-tokens",
-                    &cache,
-                    "--prefill-us-per-token",
-                    &prefill,
-                    "--tokens",
-                    DECODE_TOKENS,
-                    "--delay-ms",
-                    DECODE_DELAY_MS,
-                ],
-            )
-        })
-        .collect()
+    let args = [
+        "--prefix-cache-tokens",
+        &cache,
+        "--prefill-us-per-token",
+        &prefill,
+        "--tokens",
+        DECODE_TOKENS,
+        "--delay-ms",
+        DECODE_DELAY_MS,
+    ];
+    mocks(env, tag, &args)
 }
 
 fn routers(
@@ -282,19 +278,17 @@ fn run(
         }
     });
     let elapsed = start.elapsed();
-    let mut ttfts = ttfts.into_inner().unwrap_or_default();
-    ttfts.sort();
-    let q = |p: f64| {
-        ttfts
-            .get(((ttfts.len() as f64 * p) as usize).min(ttfts.len().saturating_sub(1)))
-            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-    };
-    let (mut queries, mut hits, mut used, mut peak) = (0.0, 0.0, 0, 0);
+    let mut ttfts: Vec<u64> = ttfts
+        .into_inner()
+        .unwrap_or_default()
+        .iter()
+        .map(|d: &Duration| d.as_micros() as u64)
+        .collect();
+    ttfts.sort_unstable();
+    let ms = |q: f64| percentile(&ttfts, q) / 1000.0;
+    let (mut used, mut peak) = (0, 0);
     for m in &mocks {
-        let (q, h) = cache_counters(m.addr)?;
         let stats = http::get_json(m.addr, "/mock/stats")?;
-        queries += q;
-        hits += h;
         used += usize::from(stats["total"].as_u64().unwrap_or(0) > 0);
         peak = peak.max(stats["peak_in_flight"].as_u64().unwrap_or(0));
     }
@@ -305,9 +299,9 @@ fn run(
         requests: ttfts.len(),
         errors: errors.into_inner().unwrap_or(0),
         req_per_s: ttfts.len() as f64 / elapsed.as_secs_f64(),
-        ttft_p50_ms: q(0.5),
-        ttft_p90_ms: q(0.9),
-        hit_rate: hits / queries.max(1.0),
+        ttft_p50_ms: ms(0.5),
+        ttft_p90_ms: ms(0.9),
+        hit_rate: prefix::fleet_hit_rate(mocks.iter().map(|m| m.addr))?,
         backends_used: used,
         peak_in_flight: peak,
     })
@@ -341,27 +335,11 @@ fn ttft(addr: SocketAddr, turn: &Turn) -> Result<Duration, String> {
     first.ok_or_else(|| "no token".to_owned())
 }
 
-fn cache_counters(addr: SocketAddr) -> Result<(f64, f64), String> {
-    let text = http::get(addr, "/metrics")?.text();
-    let sum = |name: &str| -> f64 {
-        text.lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
-    };
-    Ok((
-        sum("vllm:prefix_cache_queries_total"),
-        sum("vllm:prefix_cache_hits_total"),
-    ))
-}
-
 /// Router VmRSS after 0 to 100 000 distinct prompts of 40 blocks each (4 million
 /// blocks, 30 times what the four indexes hold), sent by 8 clients.
 fn index_memory(env: &Env) -> Result<(Vec<(usize, u64)>, u64), String> {
     const STEPS: [usize; 5] = [0, 12_500, 25_000, 50_000, 100_000];
-    let mocks = (0..MOCKS)
-        .map(|i| env.mock_with(&format!("memory-mock-{i}"), &["--tokens", "1"]))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mocks = mocks(env, "memory", &["--tokens", "1"])?;
     let router = routers(env, "memory", &mocks, "cache_aware", 1)?.remove(0);
     let pid = router.proc.pid();
     let mut out = vec![(0, procfs::field(pid, "VmRSS")?)];
@@ -453,11 +431,7 @@ pub(crate) fn print_routing(r: &RoutingReport) {
     t.print();
     let mut goals = Table::new(&["goal", "value", "result"]);
     let mut goal = |name: &str, value: String, met: Option<bool>| {
-        let result = match met {
-            Some(true) => "met",
-            Some(false) => "MISSED",
-            None => "not measured",
-        };
+        let result = verdict(met);
         goals.row(vec![name.to_owned(), value, result.to_owned()]);
     };
     let pair = |w: &str| Some((row(r, w, "least_loaded", 1)?, row(r, w, "cache_aware", 1)?));

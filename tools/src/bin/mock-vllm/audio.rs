@@ -88,12 +88,7 @@ pub(crate) fn serve(c: &mut Conn, req: &Request) -> io::Result<()> {
     if form.fields.get("stream").map(String::as_str) != Some("true") {
         return finish(c, guard, &Resp::json(200, &summary));
     }
-    let head = c.head(
-        200,
-        "text/event-stream",
-        "Transfer-Encoding: chunked",
-        "Cache-Control: no-cache\r\n",
-    );
+    let head = c.sse_head();
     c.out.write_all(&head)?;
     let words: Vec<&str> = text.split(' ').collect();
     for (i, word) in words.iter().enumerate() {

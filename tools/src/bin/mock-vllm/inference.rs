@@ -231,12 +231,7 @@ pub(crate) fn stream(c: &mut Conn, guard: InFlight, g: &Gen) -> io::Result<()> {
         st.aborted.fetch_add(1, SeqCst);
         e
     };
-    let head = c.head(
-        200,
-        "text/event-stream",
-        "Transfer-Encoding: chunked",
-        "Cache-Control: no-cache\r\n",
-    );
+    let head = c.sse_head();
     c.out.write_all(&head).map_err(aborted)?;
     thread::sleep(g.prefill);
     let event = |choices: Value| {

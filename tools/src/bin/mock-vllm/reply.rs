@@ -99,6 +99,16 @@ impl Conn<'_> {
         .into_bytes()
     }
 
+    /// The head of a 200 event stream, chunked, as vLLM sends one.
+    pub(crate) fn sse_head(&self) -> Vec<u8> {
+        self.head(
+            200,
+            "text/event-stream",
+            "Transfer-Encoding: chunked",
+            "Cache-Control: no-cache\r\n",
+        )
+    }
+
     /// One write per reply: with nodelay set, head and body leave in one packet.
     pub(crate) fn send(&mut self, r: &Resp) -> io::Result<()> {
         let length = format!("Content-Length: {}", r.body.len());

@@ -58,12 +58,7 @@ pub(crate) fn create(c: &mut Conn, req: &Request) -> io::Result<()> {
     if !body.get("stream").and_then(Value::as_bool).unwrap_or(false) {
         return c.send(&Resp::json(200, &done));
     }
-    let head = c.head(
-        200,
-        "text/event-stream",
-        "Transfer-Encoding: chunked",
-        "Cache-Control: no-cache\r\n",
-    );
+    let head = c.sse_head();
     c.out.write_all(&head)?;
     let events = [
         json!({"type": "response.created", "sequence_number": 0, "response": response("in_progress", json!([]))}),
