@@ -123,6 +123,15 @@ impl Blocks {
         self.write(&[tag]);
     }
 
+    /// One message: its role, then what `content` writes.
+    fn message(&mut self, role: &[u8], content: impl FnOnce(&mut Blocks)) {
+        self.tag(MESSAGE);
+        self.write(role);
+        self.tag(PART);
+        content(self);
+        self.tag(END);
+    }
+
     /// Any JSON value in canonical form: serde_json's map keeps keys sorted, and
     /// writes no spaces.
     fn json(&mut self, value: &Value) {
@@ -220,17 +229,15 @@ struct Message<'a> {
 
 impl Message<'_> {
     fn write(&self, out: &mut Blocks) {
-        out.tag(MESSAGE);
-        out.write(&self.role);
-        out.tag(PART);
-        if let Some(content) = &self.content {
-            content.write(out);
-        }
-        if let Some(calls) = &self.tool_calls {
-            out.tag(PART);
-            out.json(calls);
-        }
-        out.tag(END);
+        out.message(&self.role, |out| {
+            if let Some(content) = &self.content {
+                content.write(out);
+            }
+            if let Some(calls) = &self.tool_calls {
+                out.tag(PART);
+                out.json(calls);
+            }
+        });
     }
 }
 
@@ -307,19 +314,11 @@ fn parse_responses(body: &[u8]) -> serde_json::Result<Parsed> {
     let out = &mut blocks;
     write_tools(out, request.tools.as_ref());
     if let Some(instructions) = &request.instructions {
-        out.tag(MESSAGE);
-        out.write(b"system");
-        out.tag(PART);
-        instructions.write(out);
-        out.tag(END);
+        out.message(b"system", |out| instructions.write(out));
     }
     match &request.input {
         Value::String(text) => {
-            out.tag(MESSAGE);
-            out.write(b"user");
-            out.tag(PART);
-            out.write(text.as_bytes());
-            out.tag(END);
+            out.message(b"user", |out| out.write(text.as_bytes()));
         }
         Value::Array(items) => {
             for item in items {
@@ -354,11 +353,7 @@ fn parse_messages(body: &[u8]) -> serde_json::Result<Parsed> {
     let mut blocks = Blocks::new(request.model.as_ref());
     let out = &mut blocks;
     if let Some(system) = &request.system {
-        out.tag(MESSAGE);
-        out.write(b"system");
-        out.tag(PART);
-        out.json(system);
-        out.tag(END);
+        out.message(b"system", |out| out.json(system));
     }
     write_tools(out, request.tools.as_ref());
     for message in &request.messages {
