@@ -122,6 +122,11 @@ fn a_request_never_waits_for_its_cached_backend_while_another_has_room() {
     let router = router_for(&mocks, 1, "queue_timeout = 30");
     let prompt = conversation(&words("cached", 4000), 1);
     let home = served_by(router.addr, &[], &prompt);
+    // The slot goes back just after the reply's last byte: the slow request must find
+    // it free, or it would go elsewhere.
+    wait_until(SOON, "the first request's slot back", || {
+        router.in_flight().iter().sum::<u64>() == 0
+    });
     // Its backend's only slot is taken by a slow request with the same prompt.
     let slow = {
         let (addr, body) = (router.addr, prompt.to_string());
@@ -170,6 +175,9 @@ fn a_session_sticks_to_its_backend_moves_when_it_is_busy_and_sticks_again() {
         })
         .expect("some new prompt ranks the other backend first");
     assert_eq!(served_by(router.addr, &session, &elsewhere), home);
+    wait_until(SOON, "every slot back", || {
+        router.in_flight().iter().sum::<u64>() == 0
+    });
     // Two slow requests of the session make its backend 2/4 busy against 0/4: a
     // quarter of capacity is the margin, so the third moves, and the session with it.
     let slow: Vec<_> = (0..2)
